@@ -1,0 +1,87 @@
+"""`glade generate`: sample text from a Glade checkpoint through `pipeline("text-generation")`."""
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from .tiny import byte_level_tokenizer, tiny_model
+
+# The pretrained checkpoint that ships in the repository (see model_cards/); used when no model is named.
+SHIPPED_MODEL_GLOB = "model_cards/glade-gutenberg-*"
+TINY_RANDOM = "tiny-random"
+
+
+def default_model() -> str:
+    """The shipped checkpoint when this is a source checkout that has one, else the tiny random demo model."""
+    repo_root = Path(__file__).resolve().parent.parent
+    shipped = sorted(p for p in repo_root.glob(SHIPPED_MODEL_GLOB) if (p / "config.json").is_file())
+    return str(shipped[-1]) if shipped else TINY_RANDOM
+
+
+def load_generator(model: str, device: str | None = None):
+    """A text-generation pipeline for a checkpoint directory, a hub id, or `tiny-random`."""
+    if model == TINY_RANDOM:
+        lm, tokenizer = tiny_model(), byte_level_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return pipeline("text-generation", model=lm, tokenizer=tokenizer, device=device)
+
+
+def generate(
+    prompts: list[str],
+    model: str | None = None,
+    max_new_tokens: int = 50,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    device: str | None = None,
+) -> list[str]:
+    """Continue each prompt; returns prompt + continuation for each."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("generate needs at least one non-empty prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy decoding for temperature 0), got {temperature}")
+    generator = load_generator(model or default_model(), device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    options = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
+    if not greedy:
+        options["temperature"] = temperature
+        if top_k is not None:
+            options["top_k"] = top_k
+        if top_p is not None:
+            options["top_p"] = top_p
+    results = generator(prompts, batch_size=len(prompts), **options)
+    return [result[0]["generated_text"] for result in results]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="continue a prompt with a Glade model")
+    parser.add_argument("prompt", nargs="+", help="one or more prompts (batched together)")
+    parser.add_argument("--model", default=None, help=f"checkpoint dir or hub id (default: shipped model, else {TINY_RANDOM})")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    texts = generate(
+        args.prompt, model=args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
+    )
+    print("\n\n".join(texts))

@@ -1,0 +1,352 @@
+"""Glade: the GPT-2 architecture as a transformers 5 model.
+
+tokens -> token + position embeddings -> n_layer x [LayerNorm -> attention ("tokens talk") -> residual,
+LayerNorm -> MLP ("tokens think") -> residual] -> LayerNorm -> unembedding (tied to the embedding) -> logits.
+
+Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn`, ...), but projections are `nn.Linear`, so a GPT-2
+checkpoint (whose `Conv1D` stores weights as in x out) converts by transposing, never renaming.
+
+This file ships as Hub remote code: it imports only torch, transformers and its sibling config file.
+"""
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_glade import GladeConfig
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    elif query.shape[2] > 1:
+        # sdpa-style callers may pass no mask for a plain causal prefill; eager must still not look ahead.
+        q_len, k_len = query.shape[2], key.shape[2]
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class GladeAttention(nn.Module):
+    """Causal multi-head self-attention with a fused q|k|v projection."""
+
+    def __init__(self, config: GladeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query, key, value = self.c_attn(hidden_states).split(self.config.n_embd, dim=-1)
+        query = query.view(hidden_shape).transpose(1, 2)
+        key = key.view(hidden_shape).transpose(1, 2)
+        value = value.view(hidden_shape).transpose(1, 2)
+
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attn_pdrop if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+
+
+class GladeMLP(nn.Module):
+    def __init__(self, config: GladeConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class GladeBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: tokens talk (attention), then think (MLP)."""
+
+    def __init__(self, config: GladeConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = GladeAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = GladeMLP(config)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class GladePreTrainedModel(PreTrainedModel):
+    config: GladeConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GladeBlock"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": GladeBlock,
+        "attentions": GladeAttention,
+    }
+    # Old GPT-2 checkpoints store the causal mask as buffers; Glade builds masks on the fly.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # GPT-2 scales each residual-path projection by 1/sqrt(2 * n_layer) so the residual stream's variance does
+        # not grow with depth. The flag lives on the leaf Linear: transformers only visits modules owning parameters.
+        if getattr(module, "is_residual_projection", False):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers records only the saving class in `auto_map`; loaders without glade need every entry point.
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(
+            {
+                "AutoConfig": "configuration_glade.GladeConfig",
+                "AutoModel": "modeling_glade.GladeModel",
+                "AutoModelForCausalLM": "modeling_glade.GladeForCausalLM",
+            }
+        )
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class GladeModel(GladePreTrainedModel):
+    def __init__(self, config: GladeConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([GladeBlock(config, layer_idx) for layer_idx in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds (got both or neither)")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        self._check_inputs(input_ids, past_length + seq_length)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask, past_length, seq_length, inputs_embeds.device)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        for block in self.h:
+            hidden_states = block(hidden_states, attention_mask=causal_mask, cache=cache, **kwargs)
+        hidden_states = self.ln_f(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+    def _check_inputs(self, input_ids: torch.Tensor | None, total_length: int) -> None:
+        # Out-of-range ids would otherwise fail deep inside an embedding lookup (or silently on some devices).
+        if total_length > self.config.n_positions:
+            raise ValueError(
+                f"Sequence length {total_length} (cache + input) exceeds the model's maximum of "
+                f"n_positions={self.config.n_positions}"
+            )
+        if input_ids is None or torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size - 1}] "
+                f"(vocab_size={self.config.vocab_size})"
+            )
+
+    @staticmethod
+    def _position_ids(
+        attention_mask: torch.Tensor | None, past_length: int, seq_length: int, device: torch.device
+    ) -> torch.Tensor:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding: a row's first real token is position 0, whatever the padding before it.
+            positions = attention_mask.long().cumsum(-1) - 1
+            return positions.clamp(min=0)[:, -seq_length:]
+        return torch.arange(past_length, past_length + seq_length, device=device).unsqueeze(0)
+
+
+class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: GladeConfig):
+        super().__init__(config)
+        self.transformer = GladeModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: token ids to predict, aligned with `input_ids` (the shift happens inside); -100 is ignored.
+        logits_to_keep: compute logits for only the last N positions (0 = all), as generation needs just one.
+        """
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class GladeForSequenceClassification(GenericForSequenceClassification, GladePreTrainedModel):
+    base_model_prefix = "transformer"
+
+
+class GladeForTokenClassification(GenericForTokenClassification, GladePreTrainedModel):
+    base_model_prefix = "transformer"
+
+
+class GladeForQuestionAnswering(GenericForQuestionAnswering, GladePreTrainedModel):
+    base_model_prefix = "transformer"
+
+
+__all__ = [
+    "GladePreTrainedModel",
+    "GladeModel",
+    "GladeForCausalLM",
+    "GladeForSequenceClassification",
+    "GladeForTokenClassification",
+    "GladeForQuestionAnswering",
+]
