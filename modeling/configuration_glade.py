@@ -19,12 +19,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
     "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
     "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},
-    # GPT-3 (Brown et al. 2020, table 2.1). The paper lists d_model=5140 for 13B, which 40 heads cannot divide;
-    # 5120 (= 40 x 128, the stated head size) is the shape that model must have had.
+    # GPT-3 (Brown et al. 2020, table 2.1). Two rows of that table do not multiply out: 1.3B lists 24 heads of 128
+    # for d_model=2048, and 13B lists d_model=5140 for 40 heads of 128. We keep d_head=128 and d_model as the
+    # parameter counts require (16 heads; 5120). Head count does not change the number of parameters.
     "gpt3-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 2048},
     "gpt3-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "n_positions": 2048},
     "gpt3-large": {"n_layer": 24, "n_head": 16, "n_embd": 1536, "n_positions": 2048},
-    "gpt3-xl": {"n_layer": 24, "n_head": 24, "n_embd": 2048, "n_positions": 2048},
+    "gpt3-xl": {"n_layer": 24, "n_head": 16, "n_embd": 2048, "n_positions": 2048},
     "gpt3-2.7b": {"n_layer": 32, "n_head": 32, "n_embd": 2560, "n_positions": 2048},
     "gpt3-6.7b": {"n_layer": 32, "n_head": 32, "n_embd": 4096, "n_positions": 2048},
     "gpt3-13b": {"n_layer": 40, "n_head": 40, "n_embd": 5120, "n_positions": 2048},

@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from transformers import initialization as init
@@ -56,11 +57,6 @@ def eager_attention_forward(
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
-    elif query.shape[2] > 1:
-        # sdpa-style callers may pass no mask for a plain causal prefill; eager must still not look ahead.
-        q_len, k_len = query.shape[2], key.shape[2]
-        future = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -177,6 +173,17 @@ class GladePreTrainedModel(PreTrainedModel):
         if getattr(module, "is_residual_projection", False):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            # safetensors' own message names neither the checkpoint nor the likely cause.
+            raise OSError(
+                f"Checkpoint {pretrained_model_name_or_path} has a corrupt or truncated safetensors file ({error}); "
+                "re-download or re-save it"
+            ) from error
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers records only the saving class in `auto_map`; loaders without glade need every entry point.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -225,7 +232,8 @@ class GladeModel(GladePreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds (got both or neither)")
         past_length = cache.get_seq_length() if cache is not None else 0
         seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        self._check_inputs(input_ids, past_length + seq_length)
+        if not torch.compiler.is_compiling():  # the checks read tensor values, which would break the graph
+            self._check_inputs(input_ids, past_length + seq_length)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
@@ -255,7 +263,7 @@ class GladeModel(GladePreTrainedModel):
                 f"Sequence length {total_length} (cache + input) exceeds the model's maximum of "
                 f"n_positions={self.config.n_positions}"
             )
-        if input_ids is None or torch.compiler.is_compiling() or input_ids.numel() == 0:
+        if input_ids is None or input_ids.numel() == 0:
             return
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
@@ -267,13 +275,13 @@ class GladeModel(GladePreTrainedModel):
 
     @staticmethod
     def _position_ids(
-        attention_mask: torch.Tensor | None, past_length: int, seq_length: int, device: torch.device
+        attention_mask: torch.Tensor | None, past_length: int | torch.Tensor, seq_length: int, device: torch.device
     ) -> torch.Tensor:
         if attention_mask is not None and attention_mask.dim() == 2:
             # Left padding: a row's first real token is position 0, whatever the padding before it.
             positions = attention_mask.long().cumsum(-1) - 1
             return positions.clamp(min=0)[:, -seq_length:]
-        return torch.arange(past_length, past_length + seq_length, device=device).unsqueeze(0)
+        return (torch.arange(seq_length, device=device) + past_length).unsqueeze(0)
 
 
 class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):

@@ -1,0 +1,74 @@
+import pytest
+from transformers import AutoConfig
+
+from glade import PRESETS, GladeConfig
+
+
+def test_defaults_are_gpt2_124m():
+    config = GladeConfig()
+    assert (config.vocab_size, config.n_positions, config.n_embd, config.n_layer, config.n_head) == (
+        50257, 1024, 768, 12, 12,
+    )
+    assert config.n_inner == 4 * 768
+    assert config.activation_function == "gelu_new"
+    assert config.bias and config.tie_word_embeddings
+    assert config.bos_token_id == config.eos_token_id == 50256
+
+
+def test_canonical_names_read_and_write_gpt2_fields():
+    config = GladeConfig(n_embd=64, n_head=4, n_layer=3, n_positions=32, vocab_size=100)
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (64, 4, 3)
+    assert (config.max_position_embeddings, config.intermediate_size) == (32, 256)
+    config.num_hidden_layers = 5
+    assert config.n_layer == 5
+
+
+def test_presets_build_valid_configs():
+    for name in PRESETS:
+        config = GladeConfig.from_preset(name)
+        assert config.n_embd % config.n_head == 0, name
+    assert GladeConfig.from_preset("gpt2-xl").n_embd == 1600
+    assert GladeConfig.from_preset("glade-tiny", n_layer=1).n_layer == 1
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = GladeConfig(n_embd=64, n_head=4, n_layer=2, vocab_size=300, bias=False, activation_function="gelu")
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, GladeConfig)
+    saved, original = loaded.to_dict(), config.to_dict()
+    saved.pop("_name_or_path"), original.pop("_name_or_path")
+    assert saved == original
+
+
+def test_layer_norm_epsilon_is_settable():
+    config = GladeConfig(layer_norm_epsilon=1e-3)
+    assert config.layer_norm_epsilon == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"n_embd": 100, "n_head": 3}, r"n_embd \(100\) must be divisible by n_head \(3\)"),
+        ({"n_layer": 0}, r"n_layer must be positive, got 0"),
+        ({"vocab_size": -5}, r"vocab_size must be positive, got -5"),
+        ({"n_inner": 0}, r"n_inner must be positive, got 0"),
+        ({"attn_pdrop": 1.0}, r"attn_pdrop must be in \[0, 1\), got 1.0"),
+        ({"resid_pdrop": -0.1}, r"resid_pdrop must be in \[0, 1\), got -0.1"),
+        ({"activation_function": "relu"}, r"activation_function must be one of .*got 'relu'"),
+        ({"vocab_size": 100, "eos_token_id": 100}, r"eos_token_id=100 is outside the vocabulary \(vocab_size=100\)"),
+        ({"pad_token_id": -1}, r"pad_token_id=-1 is outside the vocabulary"),
+        ({"n_embd": "768"}, r"n_embd must be an int, got '768' \(str\)"),
+        ({"n_layer": 2.5}, r"n_layer must be an int, got 2.5 \(float\)"),
+        ({"bias": "yes"}, r"bias must be a bool"),
+        ({"layer_norm_epsilon": 0.0}, r"layer_norm_epsilon must be positive"),
+    ],
+)
+def test_bad_config_values_raise_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        GladeConfig(**fields)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match=r"Unknown preset 'gpt5'.*gpt2-medium"):
+        GladeConfig.from_preset("gpt5")
