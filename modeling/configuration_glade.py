@@ -67,6 +67,8 @@ class GladeConfig(PreTrainedConfig):
         "h.*.mlp.c_fc": "colwise",
         "h.*.mlp.c_proj": "rowwise",
     }
+    # FSDP2 units: one per block. The token embedding stays in the root unit with the head it is tied to.
+    base_model_fsdp_plan = {"h.*": "free_full_weight", "ln_f": "keep_full_weight"}
     base_model_pp_plan = {
         "wte": (["input_ids"], ["inputs_embeds"]),
         "h": (["hidden_states", "attention_mask"], ["hidden_states"]),
