@@ -6,6 +6,8 @@ import importlib
 # Each module defines `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
     "glade.generate",
+    "glade.param_count",
+    "glade.inspection",
 ]
 
 

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, pipeline
 
 from .tiny import byte_level_tokenizer, tiny_model
 
@@ -20,13 +20,16 @@ def default_model() -> str:
     return str(shipped[-1]) if shipped else TINY_RANDOM
 
 
+def load_model_and_tokenizer(model: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM and tokenizer of a checkpoint directory, a hub id, or `tiny-random`."""
+    if model == TINY_RANDOM:
+        return tiny_model(), byte_level_tokenizer()
+    return AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model)
+
+
 def load_generator(model: str, device: str | None = None):
     """A text-generation pipeline for a checkpoint directory, a hub id, or `tiny-random`."""
-    if model == TINY_RANDOM:
-        lm, tokenizer = tiny_model(), byte_level_tokenizer()
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        lm = AutoModelForCausalLM.from_pretrained(model)
+    lm, tokenizer = load_model_and_tokenizer(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
