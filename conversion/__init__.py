@@ -1,0 +1,42 @@
+"""Weights into Glade and back: Hugging Face GPT-2 and nanoGPT checkpoints in, stock GPT-2 out, with parity reports.
+
+The conversions themselves are pure functions over state dicts (`state_dict.py`); the rest reads and writes
+checkpoint folders, always into a temporary folder that is renamed into place only when everything succeeded.
+"""
+
+from .checkpoint import Conversion, resolve_source
+from .gpt2 import (
+    convert_gpt2,
+    export_gpt2,
+    glade_config_from_gpt2,
+    gpt2_config_from_glade,
+    load_glade_as_gpt2,
+    load_gpt2_as_glade,
+)
+from .io import atomic_output_dir, load_state_dict_files
+from .nanogpt import convert_nanogpt, glade_config_from_nanogpt, load_nanogpt_as_glade
+from .parity import ParityReport, compare_models, parity_batch, write_parity_report
+from .state_dict import glade_to_gpt2, gpt2_to_glade, nanogpt_to_glade
+
+__all__ = [
+    "Conversion",
+    "ParityReport",
+    "atomic_output_dir",
+    "compare_models",
+    "convert_gpt2",
+    "convert_nanogpt",
+    "export_gpt2",
+    "glade_config_from_gpt2",
+    "glade_config_from_nanogpt",
+    "glade_to_gpt2",
+    "gpt2_config_from_glade",
+    "gpt2_to_glade",
+    "load_glade_as_gpt2",
+    "load_gpt2_as_glade",
+    "load_nanogpt_as_glade",
+    "load_state_dict_files",
+    "nanogpt_to_glade",
+    "parity_batch",
+    "resolve_source",
+    "write_parity_report",
+]

@@ -1,0 +1,76 @@
+"""Writing a converted model: weights, tokenizer files and (optionally) a parity report, all in one atomic step."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from transformers import AutoTokenizer, PreTrainedModel
+
+from .io import WEIGHT_FILES, atomic_output_dir, copy_tokenizer_files
+from .parity import ParityReport, compare_models, parity_batch, write_parity_report
+
+# What a conversion needs from a hub repo; other formats (TF, Flax, ONNX) are skipped.
+_HUB_METADATA = ["*.json", "merges.txt"]
+_HUB_SAFETENSORS = ["model*.safetensors"]
+_HUB_PICKLES = ["pytorch_model*.bin"]
+
+
+@dataclass
+class Conversion:
+    """Where a conversion landed, which tokenizer files came with it, and its parity report when one was asked for."""
+
+    destination: Path
+    tokenizer_files: list[str] = field(default_factory=list)
+    parity: ParityReport | None = None
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id (`openai-community/gpt2`) downloaded with `snapshot_download`."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; expected a checkpoint directory or a hub id")
+    looks_local = path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"Checkpoint directory {source} not found")
+    try:
+        directory = Path(snapshot_download(repo_id=str(source), allow_patterns=_HUB_METADATA + _HUB_SAFETENSORS))
+        if not any((directory / name).is_file() for name in WEIGHT_FILES):
+            directory = Path(snapshot_download(repo_id=str(source), allow_patterns=_HUB_METADATA + _HUB_PICKLES))
+    except (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise FileNotFoundError(f"{source!r} is neither a local directory nor a reachable hub repo: {error}") from error
+    return directory
+
+
+def save_conversion(
+    model: PreTrainedModel,
+    destination: Path,
+    *,
+    overwrite: bool = False,
+    tokenizer_dir: Path | None = None,
+    reference: Callable[[], PreTrainedModel] | None = None,
+    reference_name: str = "source",
+) -> Conversion:
+    """Save `model` (with `save_pretrained`) and the tokenizer files of `tokenizer_dir` into `destination`.
+
+    With `reference` (a loader for the model converted from), the saved checkpoint is reloaded and compared with it,
+    and the report lands beside the weights before the folder is moved into place.
+    """
+    destination = Path(destination)
+    with atomic_output_dir(destination, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer_files = copy_tokenizer_files(tokenizer_dir, staging) if tokenizer_dir is not None else []
+        report = None
+        if reference is not None:
+            # Compare what was written, not what is in memory: the reload is the user's view of the result.
+            converted = type(model).from_pretrained(staging)
+            tokenizer = AutoTokenizer.from_pretrained(staging) if tokenizer_files else None
+            batch = parity_batch(converted.config.vocab_size, converted.config.max_position_embeddings, tokenizer)
+            report = compare_models(
+                reference(), converted, batch, source_name=reference_name, converted_name=str(destination)
+            )
+            write_parity_report(report, staging)
+    return Conversion(destination, tokenizer_files, report)

@@ -1,0 +1,79 @@
+"""`glade convert gpt2|nanogpt ...` (weights into Glade) and `glade export gpt2 ...` (Glade back to stock GPT-2)."""
+
+import argparse
+
+from .checkpoint import Conversion
+from .gpt2 import convert_gpt2, export_gpt2
+from .nanogpt import convert_nanogpt
+
+PARITY_FAILED_EXIT_CODE = 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    convert = subparsers.add_parser("convert", help="import GPT-2 or nanoGPT weights as a Glade checkpoint")
+    sources = convert.add_subparsers(dest="format", required=True, metavar="FORMAT")
+
+    gpt2 = sources.add_parser("gpt2", help="a Hugging Face GPT2LMHeadModel folder or hub id")
+    gpt2.add_argument("source", help="checkpoint folder or hub id (e.g. openai-community/gpt2)")
+    gpt2.add_argument("destination", help="output folder for the Glade checkpoint")
+    _add_check_option(gpt2)
+    _add_overwrite_option(gpt2)
+    gpt2.set_defaults(func=_run_convert_gpt2)
+
+    nanogpt = sources.add_parser("nanogpt", help="a nanoGPT ckpt.pt")
+    nanogpt.add_argument("checkpoint", help="nanoGPT ckpt.pt (with 'model' and 'model_args')")
+    nanogpt.add_argument("destination", help="output folder for the Glade checkpoint")
+    nanogpt.add_argument("--tokenizer", default=None, help="tokenizer folder to ship with the model (e.g. GPT-2's)")
+    nanogpt.add_argument(
+        "--crop-vocab", type=int, default=None, metavar="N", help="keep only the first N token embeddings (e.g. 50257)"
+    )
+    _add_overwrite_option(nanogpt)
+    nanogpt.set_defaults(func=_run_convert_nanogpt)
+
+    export = subparsers.add_parser("export", help="export a Glade checkpoint in another format")
+    targets = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    export_gpt2_parser = targets.add_parser("gpt2", help="a plain GPT2LMHeadModel folder (no custom code)")
+    export_gpt2_parser.add_argument("source", help="Glade checkpoint folder or hub id")
+    export_gpt2_parser.add_argument("destination", help="output folder for the GPT-2 checkpoint")
+    _add_check_option(export_gpt2_parser)
+    _add_overwrite_option(export_gpt2_parser)
+    export_gpt2_parser.set_defaults(func=_run_export_gpt2)
+
+
+def _add_check_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"compare source and result, print and save a parity report (exit code {PARITY_FAILED_EXIT_CODE} if it fails)",
+    )
+
+
+def _add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination folder")
+
+
+def _report(conversion: Conversion) -> int:
+    if conversion.parity is not None:
+        print(conversion.parity.format())
+    print(f"Wrote {conversion.destination}")
+    return 0 if conversion.parity is None or conversion.parity.passed else PARITY_FAILED_EXIT_CODE
+
+
+def _run_convert_gpt2(args: argparse.Namespace) -> int:
+    return _report(convert_gpt2(args.source, args.destination, overwrite=args.overwrite, check=args.check))
+
+
+def _run_convert_nanogpt(args: argparse.Namespace) -> int:
+    return _report(
+        convert_nanogpt(
+            args.checkpoint,
+            args.destination,
+            tokenizer_dir=args.tokenizer,
+            crop_vocab=args.crop_vocab,
+            overwrite=args.overwrite,
+        )
+    )
+
+
+def _run_export_gpt2(args: argparse.Namespace) -> int:
+    return _report(export_gpt2(args.source, args.destination, overwrite=args.overwrite, check=args.check))

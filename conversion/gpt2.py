@@ -1,0 +1,143 @@
+"""Hugging Face GPT-2 (`GPT2LMHeadModel`) checkpoints into Glade, and Glade checkpoints back out as stock GPT-2."""
+
+from pathlib import Path
+
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from glade import GladeConfig, GladeForCausalLM
+
+from .checkpoint import Conversion, resolve_source, save_conversion
+from .io import load_state_dict_files, read_json
+from .state_dict import glade_to_gpt2, gpt2_to_glade, model_from_state_dict
+
+# GPT-2 activation names -> Glade's. gelu_pytorch_tanh is the same tanh approximation as gelu_new.
+GPT2_TO_GLADE_ACTIVATION = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+# GPT-2 options that change the computation in ways Glade does not implement, with the value Glade matches.
+UNSUPPORTED_GPT2_FLAGS = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "scale_attn_weights": True,
+}
+# Fields with the same name and meaning in both configs.
+SHARED_FIELDS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "layer_norm_epsilon",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
+
+
+def glade_config_from_gpt2(config: GPT2Config) -> GladeConfig:
+    """The Glade config computing what `config` computes, or a ValueError naming what Glade cannot express."""
+    unsupported = [
+        f"{flag}={getattr(config, flag)}"
+        for flag, supported in UNSUPPORTED_GPT2_FLAGS.items()
+        if getattr(config, flag) != supported
+    ]
+    if unsupported:
+        raise ValueError(f"GPT-2 config uses options Glade does not implement: {', '.join(unsupported)}")
+    if config.activation_function not in GPT2_TO_GLADE_ACTIVATION:
+        raise ValueError(
+            f"GPT-2 config has activation_function={config.activation_function!r}; Glade supports "
+            f"{', '.join(GPT2_TO_GLADE_ACTIVATION)}"
+        )
+    return GladeConfig(
+        **{name: getattr(config, name) for name in SHARED_FIELDS},
+        activation_function=GPT2_TO_GLADE_ACTIVATION[config.activation_function],
+        bias=True,
+    )
+
+
+def gpt2_config_from_glade(config: GladeConfig) -> GPT2Config:
+    """The stock GPT-2 config computing what `config` computes, or a ValueError naming what GPT-2 cannot express."""
+    if not config.bias:
+        raise ValueError(
+            "Glade config has bias=False, which GPT-2 cannot express: its Conv1D projections and LayerNorms "
+            "always carry biases"
+        )
+    return GPT2Config(
+        **{name: getattr(config, name) for name in SHARED_FIELDS},
+        activation_function=config.activation_function,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def read_config(directory: Path, model_type: str) -> dict:
+    """config.json of `directory`, checked to be of `model_type`."""
+    config = read_json(Path(directory) / "config.json")
+    if config.get("model_type") != model_type:
+        raise ValueError(
+            f"{directory / 'config.json'} is not a {model_type} config "
+            f"(model_type={config.get('model_type')!r}, expected {model_type!r})"
+        )
+    return config
+
+
+def load_gpt2_as_glade(directory: Path) -> GladeForCausalLM:
+    """A GPT-2 checkpoint folder as an in-memory Glade model (checked key by key and shape by shape)."""
+    config = glade_config_from_gpt2(GPT2Config.from_dict(read_config(directory, "gpt2")))
+    state_dict = gpt2_to_glade(load_state_dict_files(directory), config)
+    return _with_generation_config(model_from_state_dict(GladeForCausalLM, config, state_dict), directory)
+
+
+def load_glade_as_gpt2(directory: Path) -> GPT2LMHeadModel:
+    """A Glade checkpoint folder as an in-memory stock GPT-2 model."""
+    config = GladeConfig.from_dict(read_config(directory, "glade"))
+    state_dict = glade_to_gpt2(load_state_dict_files(directory), config)
+    model = model_from_state_dict(GPT2LMHeadModel, gpt2_config_from_glade(config), state_dict)
+    return _with_generation_config(model, directory)
+
+
+def _with_generation_config(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
+    # The source's generation defaults (eos id, sampling settings) travel with the weights.
+    if (Path(directory) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def convert_gpt2(
+    source: str | Path, destination: str | Path, *, overwrite: bool = False, check: bool = False
+) -> Conversion:
+    """Convert a GPT-2 checkpoint (local folder or hub id) into a Glade checkpoint folder.
+
+    With `check`, the parity report against the source (loaded by transformers' own `GPT2LMHeadModel`) is
+    written beside the weights as parity_report.json and as a README.md section.
+    """
+    directory = resolve_source(source)
+    model = load_gpt2_as_glade(directory)
+    return save_conversion(
+        model,
+        Path(destination),
+        overwrite=overwrite,
+        tokenizer_dir=directory,
+        reference=(lambda: GPT2LMHeadModel.from_pretrained(directory)) if check else None,
+        reference_name=str(source),
+    )
+
+
+def export_gpt2(
+    source: str | Path, destination: str | Path, *, overwrite: bool = False, check: bool = False
+) -> Conversion:
+    """Export a GPT-2-shaped Glade checkpoint as a plain `GPT2LMHeadModel` folder (no custom code needed)."""
+    directory = resolve_source(source)
+    model = load_glade_as_gpt2(directory)
+    return save_conversion(
+        model,
+        Path(destination),
+        overwrite=overwrite,
+        tokenizer_dir=directory,
+        reference=(lambda: GladeForCausalLM.from_pretrained(directory)) if check else None,
+        reference_name=str(source),
+    )
