@@ -6,6 +6,7 @@ import importlib
 # Each module defines `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
     "glade.generate",
+    "glade.training.hub",
     "glade.param_count",
     "glade.inspection",
 ]

@@ -1,0 +1,211 @@
+"""Model cards for Glade checkpoints: a README.md whose YAML header drives the Hub and whose body tells people how
+to load, what went into training, and how well it did.
+
+The card is rendered from the package's one template, `glade/training/templates/glade_card.md` (shipped as
+package data; `model_cards/templates/glade_card.md` is a link to it for people browsing the repository), through
+`huggingface_hub.ModelCard`, so the metadata is exactly what `ModelCard.load` parses back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from glade import GladeConfig
+from glade.param_count import count_parameters
+
+from .atomic import write_bytes_atomically
+
+TEMPLATE = files("glade.training") / "templates" / "glade_card.md"
+METRICS_FILENAME = "metrics.jsonl"
+LOSS_CURVE_FILENAME = "loss_curve.png"
+TAGS = ["glade", "gpt2", "custom_code", "text-generation"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Fields of metrics.jsonl records that must be numbers when present; eval records are those with `val_loss`.
+NUMERIC_FIELDS = (
+    "step", "train_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "val_loss", "val_ppl", "val_bpb",
+)
+EVAL_METRICS = {  # record field -> (model-index metric type, pretty name)
+    "val_loss": ("loss", "Validation loss (nats/token)"),
+    "val_ppl": ("perplexity", "Validation perplexity"),
+    "val_bpb": ("bits_per_byte", "Validation bits per byte"),
+}
+
+SampleGeneration = tuple[str, Mapping[str, Any] | str | None, str]  # (prompt, sampling settings, generated text)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl log, in order; a malformed line raises ValueError naming its number."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        for name in NUMERIC_FIELDS:
+            value = record.get(name)
+            if name in record and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}, line {number}: {name!r} must be a number, got {value!r}")
+        records.append(record)
+    return records
+
+
+def write_model_card(
+    model_dir: str | Path,
+    metrics_path: str | Path | None = None,
+    *,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    dataset_names: Sequence[str] = (),
+    license: str = "apache-2.0",
+    language: str | Sequence[str] | None = None,
+    base_model: str | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    sample_generations: Sequence[SampleGeneration] | None = None,
+    loss_curve_png: str | Path | None = None,
+    parity_report: Mapping[str, Any] | str | Path | None = None,
+) -> Path:
+    """Render `model_dir/README.md` for a saved Glade checkpoint and return its path.
+
+    Args:
+        model_dir: a `save_pretrained` directory of a Glade model.
+        metrics_path: the training log (JSON lines); defaults to `model_dir/metrics.jsonl` when that exists, and
+            without a log the card simply has no results. The last record with `val_loss` becomes the model-index.
+        model_name: the card's title and model-index name; defaults to the name part of `repo_id`, else the
+            directory name.
+        repo_id: the Hub id the usage snippets load; defaults to `model_name`.
+        dataset_names: Hub dataset ids the model was trained on.
+        base_model: Hub id of the checkpoint training continued from, if any.
+        training_args: hyperparameters, shown as a table.
+        sample_generations: `(prompt, settings, text)` triples; settings is a dict of sampling options or a string.
+        loss_curve_png: a PNG plot, copied into the model directory as `loss_curve.png` and embedded.
+        parity_report: checks against a reference implementation (name -> value), or a JSON file holding them.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: save the model with save_pretrained first")
+    config = GladeConfig.from_pretrained(model_dir)
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else model_dir.resolve().name)
+
+    if metrics_path is None and (model_dir / METRICS_FILENAME).is_file():
+        metrics_path = model_dir / METRICS_FILENAME
+    records = read_metrics(metrics_path) if metrics_path is not None else []
+    train = next((r for r in reversed(records) if "train_loss" in r), None)
+    evaluation = next((r for r in reversed(records) if "val_loss" in r), None)
+
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=license,
+        language=language,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS,
+        datasets=list(dataset_names) or None,
+        base_model=base_model,
+        eval_results=_eval_results(evaluation, dataset_names) if evaluation else None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE.read_text(encoding="utf-8"),
+        model_name=model_name,
+        repo_id=repo_id or model_name,
+        config=config,
+        parameters=_format_count(count_parameters(config).total),
+        train=train,
+        evaluation=evaluation,
+        hyperparameters=_table_rows(training_args or {}),
+        loss_curve=_copy_loss_curve(loss_curve_png, model_dir) if loss_curve_png is not None else None,
+        parity=_table_rows(_load_parity(parity_report)),
+        samples=[_sample_view(*sample) for sample in sample_generations or ()],
+    )
+    readme = model_dir / "README.md"
+    write_bytes_atomically(readme, card.content.encode("utf-8"))
+    return readme
+
+
+def _eval_results(record: Mapping[str, Any], dataset_names: Sequence[str]) -> list[EvalResult]:
+    dataset = " + ".join(dataset_names) or "training corpus"
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Causal language modeling",
+            dataset_type=dataset_names[0] if dataset_names else "custom",
+            dataset_name=f"{dataset} (held-out validation split)",
+            dataset_split="validation",
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=float(record[field]),
+        )
+        for field, (metric_type, metric_name) in EVAL_METRICS.items()
+        if field in record
+    ]
+
+
+def _load_parity(report: Mapping[str, Any] | str | Path | None) -> Mapping[str, Any]:
+    if report is None or isinstance(report, Mapping):
+        return report or {}
+    loaded = json.loads(Path(report).read_text(encoding="utf-8"))
+    if not isinstance(loaded, dict):
+        raise ValueError(f"parity report {report} must hold a JSON object of check name -> value")
+    return loaded
+
+
+def _copy_loss_curve(source: str | Path, model_dir: Path) -> str:
+    source, target = Path(source), model_dir / LOSS_CURVE_FILENAME
+    data = source.read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError(f"loss curve {source} is not a PNG file")
+    if source.resolve() != target.resolve():
+        write_bytes_atomically(target, data)
+    return LOSS_CURVE_FILENAME
+
+
+def _sample_view(prompt: str, settings: Mapping[str, Any] | str | None, text: str) -> dict[str, str]:
+    if isinstance(settings, Mapping):
+        settings = ", ".join(f"{name}={value}" for name, value in settings.items())
+    # Delimiters longer than any backtick run inside, so generated backticks cannot end the code early.
+    ticks = "`" * (_longest_backtick_run(prompt) + 1)
+    pad = " " if prompt.startswith("`") or prompt.endswith("`") else ""  # CommonMark strips one space each side
+    return {
+        "prompt": f"{ticks}{pad}{prompt}{pad}{ticks}",
+        "settings": settings or "default settings",
+        "text": text,
+        "fence": "`" * max(3, _longest_backtick_run(text) + 1),
+    }
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def _table_rows(mapping: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(_table_cell(name), _table_cell(value)) for name, value in mapping.items()]
+
+
+def _table_cell(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(map(str, value))
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _format_count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix} ({n:,})"
+    return f"{n:,}"
