@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     nanogpt = sources.add_parser("nanogpt", help="a nanoGPT ckpt.pt")
     nanogpt.add_argument("checkpoint", help="nanoGPT ckpt.pt (with 'model' and 'model_args')")
     nanogpt.add_argument("destination", help="output folder for the Glade checkpoint")
-    nanogpt.add_argument("--tokenizer", default=None, help="tokenizer folder to ship with the model (e.g. GPT-2's)")
+    nanogpt.add_argument(
+        "--tokenizer", default=None, metavar="DIR", help="tokenizer folder to ship with the model (e.g. GPT-2's)"
+    )
     nanogpt.add_argument(
         "--crop-vocab", type=int, default=None, metavar="N", help="keep only the first N token embeddings (e.g. 50257)"
     )
@@ -44,7 +46,8 @@ def _add_check_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help=f"compare source and result, print and save a parity report (exit code {PARITY_FAILED_EXIT_CODE} if it fails)",
+        help="compare source and result, print and save a parity report "
+        f"(exit code {PARITY_FAILED_EXIT_CODE} if it fails)",
     )
 
 

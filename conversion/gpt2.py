@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from glade import GladeConfig, GladeForCausalLM
@@ -76,18 +77,27 @@ def gpt2_config_from_glade(config: GladeConfig) -> GPT2Config:
 
 def read_config(directory: Path, model_type: str) -> dict:
     """config.json of `directory`, checked to be of `model_type`."""
-    config = read_json(Path(directory) / "config.json")
+    path = Path(directory) / "config.json"
+    config = read_json(path)
     if config.get("model_type") != model_type:
         raise ValueError(
-            f"{directory / 'config.json'} is not a {model_type} config "
+            f"{path} is not a {model_type} config "
             f"(model_type={config.get('model_type')!r}, expected {model_type!r})"
         )
     return config
 
 
+def read_gpt2_config(directory: Path) -> GPT2Config:
+    """The GPT2Config of `directory`, with wrongly typed fields reported as a ValueError."""
+    try:
+        return GPT2Config.from_dict(read_config(directory, "gpt2"))
+    except StrictDataclassError as error:  # a field of the wrong type; not a ValueError subclass
+        raise ValueError(f"{Path(directory) / 'config.json'}: {error}") from error
+
+
 def load_gpt2_as_glade(directory: Path) -> GladeForCausalLM:
     """A GPT-2 checkpoint folder as an in-memory Glade model (checked key by key and shape by shape)."""
-    config = glade_config_from_gpt2(GPT2Config.from_dict(read_config(directory, "gpt2")))
+    config = glade_config_from_gpt2(read_gpt2_config(directory))
     state_dict = gpt2_to_glade(load_state_dict_files(directory), config)
     return _with_generation_config(model_from_state_dict(GladeForCausalLM, config, state_dict), directory)
 

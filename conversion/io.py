@@ -12,9 +12,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 # In order of preference: a folder holding both formats is read from safetensors.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -46,7 +52,7 @@ def load_state_dict_files(directory: Path) -> dict[str, torch.Tensor]:
             if not shards:
                 raise ValueError(f"{path} has an empty or missing weight_map")
             state_dict = {}
-            for shard in shards:
+            for shard in tqdm(shards, desc=f"Reading {directory.name}", unit="shard", disable=len(shards) < 2):
                 state_dict.update(load_weight_file(directory / shard))
             return state_dict
         return load_weight_file(path)
@@ -94,7 +100,9 @@ def atomic_output_dir(destination: Path, overwrite: bool = False) -> Iterator[Pa
     if destination.exists() and not destination.is_dir():
         raise FileExistsError(f"Destination {destination} exists and is not a directory")
     if destination.is_dir() and any(destination.iterdir()) and not overwrite:
-        raise FileExistsError(f"Destination {destination} is not empty; pass --overwrite (overwrite=True) to replace it")
+        raise FileExistsError(
+            f"Destination {destination} is not empty; pass --overwrite (overwrite=True) to replace it"
+        )
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:

@@ -45,7 +45,9 @@ def load_nanogpt_checkpoint(path: Path) -> tuple[StateDict, dict[str, Any]]:
     checkpoint = load_torch_file(Path(path))
     if not isinstance(checkpoint, dict) or (missing := [k for k in ("model", "model_args") if k not in checkpoint]):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a nanoGPT checkpoint: it needs 'model' and 'model_args' entries, found {found}")
+        raise ValueError(
+            f"{path} is not a nanoGPT checkpoint: it needs 'model' and 'model_args' entries, found {found}"
+        )
     return checkpoint["model"], checkpoint["model_args"]
 
 
@@ -64,7 +66,9 @@ def load_nanogpt_as_glade(
     if tokenizer is not None:
         vocab_size = overrides.get("vocab_size", model_args.get("vocab_size"))
         if vocab_size is not None and len(tokenizer) > vocab_size:
-            raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}"
+            )
         overrides.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = glade_config_from_nanogpt(model_args, **overrides)
     return model_from_state_dict(GladeForCausalLM, config, nanogpt_to_glade(state_dict, config))

@@ -53,7 +53,8 @@ class ParityReport:
         """The report as plain text for the terminal."""
         width = max(len(label) for label in self.hidden_states_max_abs_diff)
         lines = [
-            f"Parity: {self.source} -> {self.converted} ({self.num_tokens} tokens, atol={self.atol:g}, rtol={self.rtol:g})",
+            f"Parity: {self.source} -> {self.converted} "
+            f"({self.num_tokens} tokens, atol={self.atol:g}, rtol={self.rtol:g})",
             "hidden states, max |diff|:",
             *(f"  {label:<{width}}  {diff:.3e}" for label, diff in self.hidden_states_max_abs_diff.items()),
             f"first block that drifts: {self.first_drifting_block or 'none'}",
@@ -142,7 +143,8 @@ def compare_models(
         )
 
     hidden_diffs, first_drift = {}, None
-    for label, ref, out in zip(_hidden_state_labels(len(expected.hidden_states)), expected.hidden_states, actual.hidden_states):
+    labels = _hidden_state_labels(len(expected.hidden_states))
+    for label, ref, out in zip(labels, expected.hidden_states, actual.hidden_states):
         diff = (ref.double() - out.double()).abs().max().item()
         hidden_diffs[label] = diff
         if first_drift is None and _exceeds(diff, ref, atol, rtol):

@@ -87,7 +87,10 @@ def nanogpt_state_dict(n_layer: int, n_head: int, n_embd: int, block_size: int, 
     def randn(*shape, mean=0.0):
         return mean + 0.1 * torch.randn(*shape, generator=generator)
 
-    state_dict = {"transformer.wte.weight": randn(vocab_size, n_embd), "transformer.wpe.weight": randn(block_size, n_embd)}
+    state_dict = {
+        "transformer.wte.weight": randn(vocab_size, n_embd),
+        "transformer.wpe.weight": randn(block_size, n_embd),
+    }
     shapes = {"attn.c_attn": (3 * n_embd, n_embd), "attn.c_proj": (n_embd, n_embd), "mlp.c_fc": (4 * n_embd, n_embd),
               "mlp.c_proj": (n_embd, 4 * n_embd)}
     for i in range(n_layer):
@@ -111,7 +114,8 @@ def nanogpt_checkpoint(state_dict: dict[str, torch.Tensor], model_args: dict, co
     model["lm_head.weight"] = state_dict["transformer.wte.weight"]
     block_size = model_args["block_size"]
     for i in range(model_args["n_layer"]):
-        model[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size)
+        mask = torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size)
+        model[f"transformer.h.{i}.attn.bias"] = mask
     prefix = "_orig_mod." if compiled else ""
     return {
         "model": {prefix + key: tensor for key, tensor in model.items()},
@@ -133,7 +137,9 @@ def nanogpt():
     """Factory: (checkpoint path, clean state dict, model_args) for a random nanoGPT model."""
 
     def build(path: Path, *, bias=True, vocab_size=256, n_embd=64, compiled=True):
-        model_args = dict(n_layer=2, n_head=4, n_embd=n_embd, block_size=64, bias=bias, vocab_size=vocab_size, dropout=0.0)
+        model_args = dict(
+            n_layer=2, n_head=4, n_embd=n_embd, block_size=64, bias=bias, vocab_size=vocab_size, dropout=0.0
+        )
         state_dict = nanogpt_state_dict(
             model_args["n_layer"], model_args["n_head"], n_embd, model_args["block_size"], vocab_size, bias
         )

@@ -78,7 +78,8 @@ def test_truncated_nanogpt_checkpoint(tmp_path, nanogpt):
     path.write_bytes(path.read_bytes()[:1000])
     destination = tmp_path / "out"
     assert_fails_cleanly(
-        lambda: convert_nanogpt(path, destination), destination, ValueError, "ckpt.pt is not a readable PyTorch checkpoint"
+        lambda: convert_nanogpt(path, destination), destination, ValueError,
+        "ckpt.pt is not a readable PyTorch checkpoint",
     )
 
 
@@ -141,3 +142,13 @@ def test_a_failure_while_writing_leaves_the_old_destination_untouched(tmp_path):
             raise RuntimeError("disk full")
     assert [p.name for p in destination.iterdir()] == ["old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_wrongly_typed_config_field_is_a_value_error(tmp_path, gpt2_dir):
+    config = json.loads((gpt2_dir / "config.json").read_text())
+    config["n_embd"] = "64"
+    (gpt2_dir / "config.json").write_text(json.dumps(config))
+    destination = tmp_path / "out"
+    assert_fails_cleanly(
+        lambda: convert_gpt2(gpt2_dir, destination), destination, ValueError, "config.json: .*n_embd"
+    )

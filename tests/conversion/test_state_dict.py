@@ -106,6 +106,8 @@ def test_model_from_state_dict_uses_the_tensors_and_ties_the_head(gpt2_model, co
     model = model_from_state_dict(GladeForCausalLM, config, converted)
     assert not model.training
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert model.transformer.h[0].attn.c_attn.weight.data_ptr() == converted["transformer.h.0.attn.c_attn.weight"].data_ptr()
+    c_attn = converted["transformer.h.0.attn.c_attn.weight"]
+    assert model.transformer.h[0].attn.c_attn.weight.data_ptr() == c_attn.data_ptr()
+    without_final_bias = {k: t for k, t in converted.items() if k != "transformer.ln_f.bias"}
     with pytest.raises(ValueError, match="No weights for transformer.ln_f.bias"):
-        model_from_state_dict(GladeForCausalLM, config, {k: t for k, t in converted.items() if k != "transformer.ln_f.bias"})
+        model_from_state_dict(GladeForCausalLM, config, without_final_bias)
