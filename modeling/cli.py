@@ -9,6 +9,7 @@ COMMAND_MODULES = [
     "glade.training.hub",
     "glade.param_count",
     "glade.inspection",
+    "glade.conversion.cli",
 ]
 
 
