@@ -163,7 +163,7 @@ class GladePreTrainedModel(PreTrainedModel):
         "attentions": GladeAttention,
     }
     # Old GPT-2 checkpoints store the causal mask as buffers; Glade builds masks on the fly.
-    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.(masked_)?bias$"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
