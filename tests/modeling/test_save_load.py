@@ -84,3 +84,18 @@ def test_truncated_weights_file_names_the_checkpoint(tmp_path, model):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match=r"corrupt or truncated safetensors file"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_old_mask_buffers_are_ignored_but_real_biases_are_reported(tmp_path, model):
+    from safetensors.torch import save_file
+
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
+    state["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    model.config.save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, info = glade.GladeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    _, info = glade.GladeForCausalLM.from_pretrained(tmp_path, bias=False, output_loading_info=True)
+    assert "transformer.h.0.attn.c_attn.bias" in info["unexpected_keys"]
+    assert "transformer.h.0.attn.bias" not in info["unexpected_keys"]
