@@ -1,0 +1,352 @@
+"""Glade against transformers' GPT-2 (and a nanoGPT-style model), same configs, same weights, one process, one run.
+
+    python benchmarks/run.py                      # everything, ~10 minutes on 2 cores
+    python benchmarks/run.py --only train-small   # one section while developing
+    python benchmarks/run.py --quick --json out.json
+
+Every timed call alternates between contestants (A B C, B C A, ...) after warm-up, and the table shows medians and the
+ratio Glade/GPT-2 of those medians. Training-throughput rows also get MFU against a matmul peak measured at the start
+of the same run. Peak memory is measured one contestant per fresh subprocess (see memory_probe.py).
+"""
+
+import os
+
+# Before torch loads OpenMP: with few cores, threads spinning while they wait starve a busy neighbour's work (and
+# ours), which can make small decode steps ~20x slower. PASSIVE makes waiting threads sleep.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+from models import (  # noqa: E402
+    QUICK_SHAPES,
+    SHAPES,
+    Shape,
+    build_models,
+    greedy_generate,
+    make_batch,
+    make_optimizer,
+    prefill,
+    training_step,
+)
+from timing import Samples, alternate, load_average, machine_info, matmul_peak_flops, thread_info  # noqa: E402
+
+SECTIONS = ("train-small", "train-124m", "generate", "prefill", "memory")
+COLUMNS = ("gpt2", "glade", "glade+compile", "nanogpt", "nanogpt+compile")
+GLADE_VARIANTS = ("glade", "glade+compile")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What each training row runs. fp32 and the 124M shape leave out some columns to keep a full run near 10 minutes.
+TRAIN_VARIANTS = {
+    ("small", "fp32"): ("gpt2", "glade", "nanogpt"),
+    ("small", "bf16"): COLUMNS,
+    ("124m", "fp32"): ("gpt2", "glade"),
+    ("124m", "bf16"): ("gpt2", "glade", "glade+compile"),
+}
+MEMORY_VARIANTS = ("gpt2", "glade", "nanogpt")
+
+
+@dataclass
+class Settings:
+    """How much each section measures: the full run, or `--quick`'s CI-sized version."""
+
+    shapes: dict[str, Shape]
+    warmup: int
+    repeats: dict[str, int]
+    compile: bool
+    prompt_tokens: int = 32
+    new_tokens: int = 128
+    generate_batches: tuple[int, ...] = (1, 8)
+    prefill_tokens: int = 512
+    peak_size: int = 2048
+    memory_shapes: tuple[str, ...] = ("small", "124m")
+
+    @classmethod
+    def full(cls, compile: bool) -> "Settings":
+        return cls(
+            shapes=SHAPES, warmup=1, compile=compile,
+            repeats={"train-small": 5, "train-124m": 3, "generate": 3, "prefill": 5},
+        )
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        # Compilation alone takes tens of seconds, so the quick run measures eager variants only.
+        return cls(
+            shapes=QUICK_SHAPES, warmup=1, compile=False, repeats=dict.fromkeys(SECTIONS, 1), prompt_tokens=8,
+            new_tokens=8, prefill_tokens=64, peak_size=256, memory_shapes=("small",),
+        )
+
+    def variants(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(name for name in names if self.compile or not name.endswith("+compile"))
+
+
+@dataclass
+class Row:
+    """One benchmark line: a value per contestant (median over alternating runs), and how they were obtained."""
+
+    name: str
+    unit: str
+    higher_is_better: bool
+    values: dict[str, float]
+    ratios: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.ratios and "gpt2" in self.values:
+            self.ratios = {
+                f"{name}/gpt2": self.values[name] / self.values["gpt2"] for name in GLADE_VARIANTS if name in self.values
+            }
+
+
+def samples_detail(samples: dict[str, Samples]) -> dict:
+    return {"samples": {name: asdict(sample) for name, sample in samples.items()}}
+
+
+def maybe_compiled(variant: str, model: torch.nn.Module) -> torch.nn.Module:
+    return torch.compile(model) if variant.endswith("+compile") else model
+
+
+def matmul_peaks(settings: Settings) -> dict[str, float]:
+    """bf16 and fp32 matmul TFLOP/s on this machine, now: the denominators of MFU."""
+    return {name: matmul_peak_flops(dtype, settings.peak_size, repeats=5) / 1e12 for name, dtype in DTYPES.items()}
+
+
+def train_rows(shape_name: str, settings: Settings, peaks: dict[str, float]) -> list[Row]:
+    shape = settings.shapes[shape_name]
+    models = build_models(shape)
+    optimizers = {name: make_optimizer(model) for name, model in models.items()}
+    batch = make_batch(shape)
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        variants = settings.variants(TRAIN_VARIANTS[shape_name, dtype_name])
+        calls = {}
+        for variant in variants:
+            base = variant.removesuffix("+compile")
+            calls[variant] = partial(
+                training_step, maybe_compiled(variant, models[base]), optimizers[base], batch, dtype
+            )
+        name = f"train-{shape_name}-{dtype_name}"
+        samples = alternate(calls, settings.warmup, settings.repeats[f"train-{shape_name}"], name)
+        tokens_per_s = {v: shape.tokens_per_step / s.median_wall_s for v, s in samples.items()}
+        rows.append(
+            Row(name, "tokens/s", True, tokens_per_s, details={"shape": shape.as_dict(), **samples_detail(samples)})
+        )
+        flops_per_token = shape.training_flops_per_token()
+        mfu = {v: 100 * rate * flops_per_token / (peaks[dtype_name] * 1e12) for v, rate in tokens_per_s.items()}
+        rows.append(
+            Row(
+                f"{name}-mfu", "% of peak", True, mfu,
+                details={"flops_per_token": flops_per_token, "peak_tflops": peaks[dtype_name]},
+            )
+        )
+    return rows
+
+
+def generate_rows(settings: Settings) -> list[Row]:
+    shape = settings.shapes["small"]
+    models = {name: model.eval() for name, model in build_models(shape).items() if name != "nanogpt"}
+    variants = settings.variants(("gpt2", "glade", "glade+compile"))
+    generators = {v: greedy_generate(v, models[v.removesuffix("+compile")]) for v in variants}
+    rows = []
+    for batch_size in settings.generate_batches:
+        prompt = torch.randint(0, shape.vocab_size - 1, (batch_size, settings.prompt_tokens))
+        outputs = {}
+
+        def call(variant: str) -> None:
+            outputs[variant] = generators[variant](prompt, settings.new_tokens)
+
+        calls = {v: partial(call, v) for v in variants}
+        name = f"generate-b{batch_size}"
+        samples = alternate(calls, settings.warmup, settings.repeats["generate"], name)
+        new_tokens = batch_size * settings.new_tokens
+        rows.append(
+            Row(
+                name, "tokens/s", True, {v: new_tokens / s.median_wall_s for v, s in samples.items()},
+                details={
+                    "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
+                    "tokens_identical_to_gpt2": {v: torch.equal(outputs[v], outputs["gpt2"]) for v in variants},
+                    **samples_detail(samples),
+                },
+            )
+        )
+    return rows
+
+
+def prefill_rows(settings: Settings) -> list[Row]:
+    shape = settings.shapes["small"]
+    models = {name: model.eval() for name, model in build_models(shape).items()}
+    prompt = torch.randint(0, shape.vocab_size, (1, settings.prefill_tokens))
+    variants = settings.variants(COLUMNS)
+    calls = {v: partial(prefill, maybe_compiled(v, models[v.removesuffix("+compile")]), prompt) for v in variants}
+    with torch.no_grad():
+        samples = alternate(calls, settings.warmup, settings.repeats["prefill"], "prefill")
+    return [
+        Row(
+            f"prefill-{settings.prefill_tokens}", "ms", False, {v: 1e3 * s.median_wall_s for v, s in samples.items()},
+            details={"prompt_tokens": settings.prefill_tokens, **samples_detail(samples)},
+        )
+    ]
+
+
+def probe_memory(variant: str, shape_name: str, quick: bool, threads: int) -> dict:
+    command = [sys.executable, str(Path(__file__).with_name("memory_probe.py")), "--variant", variant, "--shape", shape_name]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    result = subprocess.run(command + (["--quick"] if quick else []), env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe {variant}/{shape_name} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def memory_rows(settings: Settings, quick: bool, threads: int) -> list[Row]:
+    jobs = [(variant, shape) for shape in settings.memory_shapes for variant in MEMORY_VARIANTS]
+    # Probes measure memory, not time, so they may share the cores; each one's peak is its own process's.
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        probes = list(pool.map(lambda job: probe_memory(*job, quick, threads), jobs))
+    results = dict(zip(jobs, probes))
+    return [
+        Row(
+            f"memory-train-{shape}-bf16", "MiB", False,
+            {variant: results[variant, shape]["peak_mib"] for variant in MEMORY_VARIANTS},
+            details={variant: results[variant, shape] for variant in MEMORY_VARIANTS},
+        )
+        for shape in settings.memory_shapes
+    ]
+
+
+def best_glade(row: Row) -> str:
+    pick = max if row.higher_is_better else min
+    return pick((v for v in GLADE_VARIANTS if v in row.values), key=row.values.__getitem__)
+
+
+def goals(rows: dict[str, Row]) -> list[dict]:
+    """The issue's five goals, judged on the best Glade variant of each row (named in the result)."""
+    results = []
+
+    def judge(goal: str, row_name: str, target: float, measure, extra_check=lambda row, variant: (True, "")):
+        row = rows.get(row_name)
+        if row is None:
+            return
+        variant = best_glade(row)
+        measured = measure(row, variant)
+        passed = measured >= target if row.higher_is_better else measured <= target
+        extra_ok, note = extra_check(row, variant)
+        results.append(
+            {"goal": goal, "row": row_name, "variant": variant, "measured": measured, "target": target,
+             "met": bool(passed and extra_ok), "note": note}
+        )
+
+    ratio = lambda row, variant: row.values[variant] / row.values["gpt2"]  # noqa: E731
+
+    def at_least_nanogpt_compiled(row: Row, variant: str) -> tuple[bool, str]:
+        reference = row.values.get("nanogpt+compile")
+        if reference is None:
+            return True, "nanogpt+compile not measured"
+        return row.values[variant] >= reference, f"nanogpt+compile/gpt2 = {reference / row.values['gpt2']:.2f}"
+
+    def same_tokens(row: Row, variant: str) -> tuple[bool, str]:
+        identical = row.details["tokens_identical_to_gpt2"][variant]
+        return identical, "tokens identical to GPT-2" if identical else "tokens DIFFER from GPT-2"
+
+    judge("train small bf16 >= 1.5x GPT-2 and >= nanoGPT+compile", "train-small-bf16", 1.5, ratio,
+          at_least_nanogpt_compiled)
+    judge("train 124M bf16 >= 1.3x GPT-2", "train-124m-bf16", 1.3, ratio)
+    judge("train 124M bf16 MFU >= 35% of measured bf16 matmul peak", "train-124m-bf16-mfu", 35.0,
+          lambda row, variant: row.values[variant])
+    judge("greedy decode batch 1 >= 3x GPT-2, token-identical", "generate-b1", 3.0, ratio, same_tokens)
+    for name in rows:
+        if name.startswith("memory-"):
+            judge(f"training peak memory <= 0.75x GPT-2 ({name})", name, 0.75, ratio)
+    return results
+
+
+def format_table(rows: list[Row]) -> str:
+    columns = [c for c in COLUMNS if any(c in row.values for row in rows)]
+    ratio_columns = [f"{v}/gpt2" for v in GLADE_VARIANTS if any(f"{v}/gpt2" in row.ratios for row in rows)]
+    header = ["benchmark", "unit", *columns, *ratio_columns]
+    lines = [header]
+    for row in rows:
+        cells = [row.name, row.unit]
+        cells += [f"{row.values[c]:,.1f}" if c in row.values else "-" for c in columns]
+        cells += [f"{row.ratios[c]:.2f}x" if c in row.ratios else "-" for c in ratio_columns]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                for line in lines]
+    rendered.insert(1, "-" * len(rendered[0]))
+    return "\n".join(rendered)
+
+
+def write_json(path: Path, report: dict) -> None:
+    partial_path = path.with_name(path.name + ".partial")
+    partial_path.write_text(json.dumps(report, indent=2) + "\n")
+    partial_path.replace(path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one timed run each, no compilation")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                        help=f"run only these sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # transformers warns about GPT-2's unset loss_type on every model; the table is the output that matters.
+    logging.set_verbosity_error()
+    settings = Settings.quick() if args.quick else Settings.full(compile=not args.no_compile)
+    started, load_before = time.perf_counter(), load_average()
+
+    peaks = matmul_peaks(settings)
+    rows: list[Row] = []
+    for section in args.only:
+        if section.startswith("train-"):
+            rows += train_rows(section.removeprefix("train-"), settings, peaks)
+        elif section == "generate":
+            rows += generate_rows(settings)
+        elif section == "prefill":
+            rows += prefill_rows(settings)
+        elif section == "memory":
+            rows += memory_rows(settings, args.quick, args.threads)
+
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "quick": args.quick,
+        "machine": machine_info(),
+        "threads": thread_info(),
+        "load_average": {"before": load_before, "after": load_average()},
+        "duration_s": time.perf_counter() - started,
+        "matmul_peak_tflops": peaks,
+        "rows": [asdict(row) for row in rows],
+        "goals": goals({row.name: row for row in rows}),
+    }
+    print(format_table(rows))
+    print(f"\nmatmul peak: bf16 {peaks['bf16']:.3f} TFLOP/s, fp32 {peaks['fp32']:.3f} TFLOP/s; "
+          f"threads {report['threads']}; load average {load_before} -> {report['load_average']['after']}; "
+          f"{report['duration_s']:.0f} s")
+    for goal in report["goals"]:
+        print(f"[{'met' if goal['met'] else 'NOT met'}] {goal['goal']}: {goal['variant']} {goal['measured']:.2f} "
+              f"(target {goal['target']}) {goal['note']}")
+    if args.json:
+        write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Measurement: alternating timers, the machine's matmul peak, and what the numbers were measured on."""
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from tqdm import tqdm
+
+
+@dataclass
+class Samples:
+    """Wall-clock and process CPU seconds of each timed call. CPU time counts every thread's work and is far less
+    disturbed by other processes than wall time, so it is kept beside it as a load-robust cross-check."""
+
+    wall_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def median_wall_s(self) -> float:
+        return median(self.wall_s)
+
+    @property
+    def median_cpu_s(self) -> float:
+        return median(self.cpu_s)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def alternate(calls: dict[str, Callable[[], object]], warmup: int, repeats: int, label: str) -> dict[str, Samples]:
+    """Time each call `repeats` times, interleaved (A B C, B C A, C A B, ...) so that a burst of load from elsewhere
+    hits every contestant alike; `warmup` untimed rounds first (compilation, allocator and cache warm-up)."""
+    names = list(calls)
+    samples = {name: Samples() for name in names}
+    with tqdm(total=(warmup + repeats) * len(names), desc=label, leave=False) as progress:
+        for _ in range(warmup):
+            for name in names:
+                calls[name]()
+                progress.update()
+        for round_index in range(repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                wall, cpu = time.perf_counter(), time.process_time()
+                calls[name]()
+                samples[name].wall_s.append(time.perf_counter() - wall)
+                samples[name].cpu_s.append(time.process_time() - cpu)
+                progress.update()
+    return samples
+
+
+def matmul_peak_flops(dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Best FLOP/s of a square `size`^3 matmul: the ceiling that MFU is measured against."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # let the backend pick and cache its kernel
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The instruction sets that decide bf16 matmul speed on x86."""
+    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return sorted(wanted & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def thread_info() -> dict:
+    return {
+        "torch_num_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages: how busy the machine was besides this benchmark."""
+    return [round(value, 2) for value in os.getloadavg()]

@@ -1,0 +1,106 @@
+"""`benchmarks/run.py --quick`: the report's structure and the facts it must get right. Never its speed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+TRAIN_ROWS = [f"train-{shape}-{dtype}{suffix}" for shape in ("small", "124m") for dtype in ("fp32", "bf16")
+              for suffix in ("", "-mfu")]
+ROWS = [*TRAIN_ROWS, "generate-b1", "generate-b8", "prefill-64", "memory-train-small-bf16"]
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OMP_WAIT_POLICY", None)  # the script must choose it itself
+    return subprocess.run([sys.executable, str(RUN), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "report.json"
+    result = run_benchmark("--quick", "--threads", "1", "--json", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(path.read_text()), result.stdout
+
+
+def test_report_records_machine_threads_and_load(quick_run):
+    report, _ = quick_run
+    assert report["quick"] is True
+    assert report["command"].startswith("run.py --quick")
+    assert report["threads"] == {"torch_num_threads": 1, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert {"cpu_model", "cpu_flags", "logical_cpus", "torch", "transformers"} <= report["machine"].keys()
+    assert len(report["load_average"]["before"]) == len(report["load_average"]["after"]) == 3
+    assert report["matmul_peak_tflops"]["bf16"] > 0 and report["matmul_peak_tflops"]["fp32"] > 0
+
+
+def test_every_section_reports_gpt2_glade_and_their_ratio(quick_run):
+    report, _ = quick_run
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ROWS
+    for row in rows.values():
+        assert row["values"]["gpt2"] > 0 and row["values"]["glade"] > 0
+        assert row["ratios"]["glade/gpt2"] == pytest.approx(row["values"]["glade"] / row["values"]["gpt2"])
+    # --quick leaves out compilation, so no "+compile" column may appear.
+    assert not [name for row in rows.values() for name in row["values"] if name.endswith("+compile")]
+    assert set(rows["train-small-bf16"]["values"]) == {"gpt2", "glade", "nanogpt"}
+    assert rows["train-small-bf16"]["higher_is_better"] and not rows["memory-train-small-bf16"]["higher_is_better"]
+
+
+def test_timings_are_alternating_samples_whose_median_is_reported(quick_run):
+    report, _ = quick_run
+    row = next(row for row in report["rows"] if row["name"] == "train-small-bf16")
+    tokens = row["details"]["shape"]["batch"] * row["details"]["shape"]["seq_len"]
+    for variant, samples in row["details"]["samples"].items():
+        assert len(samples["wall_s"]) == len(samples["cpu_s"]) == 1
+        assert row["values"][variant] == pytest.approx(tokens / samples["wall_s"][0])
+
+
+def test_mfu_is_throughput_times_flops_over_the_measured_peak(quick_run):
+    report, _ = quick_run
+    rows = {row["name"]: row for row in report["rows"]}
+    mfu = rows["train-124m-bf16-mfu"]
+    flops = mfu["details"]["flops_per_token"]
+    shape = rows["train-124m-bf16"]["details"]["shape"]
+    c, layers, vocab, t = shape["n_embd"], shape["n_layer"], shape["vocab_size"], shape["seq_len"]
+    assert flops == 6 * (12 * layers * c * c + vocab * c) + 12 * layers * t * c
+    peak = report["matmul_peak_tflops"]["bf16"] * 1e12
+    expected = 100 * rows["train-124m-bf16"]["values"]["glade"] * flops / peak
+    assert mfu["values"]["glade"] == pytest.approx(expected)
+
+
+def test_glade_greedy_tokens_match_gpt2(quick_run):
+    report, _ = quick_run
+    for row in report["rows"]:
+        if row["name"].startswith("generate-"):
+            assert row["details"]["tokens_identical_to_gpt2"] == {"gpt2": True, "glade": True}
+
+
+def test_memory_is_measured_per_process_above_the_weights(quick_run):
+    report, _ = quick_run
+    row = next(row for row in report["rows"] if row["name"] == "memory-train-small-bf16")
+    for probe in row["details"].values():
+        # Gradients plus two AdamW moments alone are 3x the parameters.
+        assert probe["peak_mib"] >= 3 * probe["parameters_mib"]
+
+
+def test_table_and_goals_are_printed(quick_run):
+    report, stdout = quick_run
+    header = stdout.splitlines()[0].split()
+    assert header[:2] == ["benchmark", "unit"] and header[-1] == "glade/gpt2"
+    assert [goal["row"] for goal in report["goals"]] == [
+        "train-small-bf16", "train-124m-bf16", "train-124m-bf16-mfu", "generate-b1", "memory-train-small-bf16",
+    ]
+    for goal in report["goals"]:
+        assert isinstance(goal["met"], bool)
+        assert f"{goal['goal']}: {goal['variant']}" in stdout
+
+
+def test_bad_thread_count_is_refused():
+    result = run_benchmark("--threads", "0")
+    assert result.returncode == 2
+    assert "--threads must be at least 1, got 0" in result.stderr
