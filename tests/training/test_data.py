@@ -1,0 +1,218 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import glade.training.data as data_module
+from glade.tiny import byte_level_tokenizer
+from glade.training.data import (
+    StepBatchSampler,
+    TokenBlocks,
+    eval_batches,
+    model_inputs,
+    resolve_source,
+    split_train_val,
+    token_dtype,
+    tokenize_to_cache,
+)
+
+DOCS = ["First document.", "Second one, with ünïcödé.", "", "Third\n\nand last."]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": doc, "id": i}) + "\n" for i, doc in enumerate(DOCS)))
+    return path
+
+
+def expected_tokens(tokenizer, docs):
+    ids = []
+    for doc in docs:
+        if doc:
+            ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids
+
+
+def test_documents_are_tokenized_once_each_followed_by_eos(jsonl, tmp_path):
+    tokenizer = byte_level_tokenizer()
+    token_file = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, tmp_path / "cache", show_progress=False)
+    assert token_file.dtype == "uint16"
+    assert token_file.tokens().tolist() == expected_tokens(tokenizer, DOCS)
+    assert token_file.num_documents == 3  # the empty one is skipped
+    assert token_file.num_bytes == sum(len(d.encode()) for d in DOCS)
+
+
+def test_streaming_gives_the_same_tokens(jsonl, tmp_path):
+    tokenizer = byte_level_tokenizer()
+    source = resolve_source([str(jsonl)])
+    streamed = tokenize_to_cache(source, tokenizer, tmp_path / "a", streaming=True, show_progress=False)
+    loaded = tokenize_to_cache(source, tokenizer, tmp_path / "b", streaming=False, show_progress=False)
+    np.testing.assert_array_equal(streamed.tokens(), loaded.tokens())
+
+
+def test_a_text_file_is_one_document_and_parquet_is_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = byte_level_tokenizer()
+    text = tmp_path / "a.txt"
+    text.write_text("line one\nline two\n")
+    token_file = tokenize_to_cache(resolve_source([str(text)]), tokenizer, tmp_path / "c", show_progress=False)
+    assert token_file.tokens().tolist() == expected_tokens(tokenizer, ["line one\nline two\n"])
+
+    parquet = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"body": ["alpha", "beta"]}), parquet)
+    token_file = tokenize_to_cache(resolve_source([str(parquet)], text_column="body"), tokenizer, tmp_path / "c",
+                                   show_progress=False)
+    assert token_file.tokens().tolist() == expected_tokens(tokenizer, ["alpha", "beta"])
+
+
+def test_the_cache_is_reused_and_invalidated_by_changes(jsonl, tmp_path, monkeypatch, bpe_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = byte_level_tokenizer()
+    cache = tmp_path / "cache"
+    first = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the dataset was read again although its tokens are cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "load_documents", fail)
+        again = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+    assert again == first
+
+    other_tokenizer = tokenize_to_cache(resolve_source([str(jsonl)]), AutoTokenizer.from_pretrained(bpe_tokenizer_dir),
+                                        cache, show_progress=False)
+    assert other_tokenizer.key != first.key
+    jsonl.write_text(json.dumps({"text": "changed"}) + "\n")
+    changed = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+    assert changed.key != first.key
+    assert changed.tokens().tolist() == expected_tokens(tokenizer, ["changed"])
+
+
+def test_token_dtype_fits_the_vocabulary():
+    assert token_dtype(257) == token_dtype(65536) == "uint16"
+    assert token_dtype(65537) == token_dtype(200_000) == "uint32"
+
+
+def test_bad_sources_fail_early_with_their_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file .*missing.txt does not exist"):
+        resolve_source([str(tmp_path / "missing.txt")])
+    with pytest.raises(FileNotFoundError, match="matches no files"):
+        resolve_source([str(tmp_path / "*.jsonl")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        resolve_source([str(tmp_path / "empty.txt")])
+    (tmp_path / "a.csv").write_text("x\n")
+    with pytest.raises(ValueError, match=r"unsupported data file type \['.csv'\]"):
+        resolve_source([str(tmp_path / "a.csv")])
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="must share one format"):
+        resolve_source([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+    assert resolve_source(["roneneldan/TinyStories"], split="validation").kind == "hub"
+    (tmp_path / "empty.txt").unlink()
+    assert resolve_source([str(tmp_path / "*.txt")]).locations == (str(tmp_path / "a.txt"),)
+
+
+def test_missing_column_and_empty_dataset_are_named(tmp_path):
+    tokenizer = byte_level_tokenizer()
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"content": "hello", "id": 1}) + "\n")
+    with pytest.raises(ValueError, match="text column 'text' not found .* its columns are: content, id"):
+        tokenize_to_cache(resolve_source([str(data)]), tokenizer, tmp_path / "c", show_progress=False)
+    data.write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(ValueError, match="has no text in column 'text' \\(empty dataset\\)"):
+        tokenize_to_cache(resolve_source([str(data)]), tokenizer, tmp_path / "c", show_progress=False)
+    assert not [p for p in (tmp_path / "c").iterdir() if p.suffix == ".bin"]  # nothing half-written is left
+
+
+def test_a_dataset_folder_is_read_with_datasets(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_text(json.dumps({"text": "from a folder"}) + "\n")
+    tokenizer = byte_level_tokenizer()
+    source = resolve_source([str(folder)])
+    assert source.kind == "folder"
+    token_file = tokenize_to_cache(source, tokenizer, tmp_path / "c", show_progress=False)
+    assert token_file.tokens().tolist() == expected_tokens(tokenizer, ["from a folder"])
+
+
+@pytest.fixture
+def counting_tokens(tmp_path):
+    """A token file holding 0, 1, 2, ...: positions are visible in the values."""
+    path = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    return data_module.TokenFile(path=path, dtype="uint16", num_tokens=1000, num_documents=1, num_bytes=0, key="k")
+
+
+def test_blocks_make_every_token_after_the_first_a_target_exactly_once(counting_tokens):
+    blocks = TokenBlocks(counting_tokens, block_size=16)
+    assert len(blocks) == (1000 - 1) // 16
+    inputs = model_inputs({"tokens": torch.stack([blocks[i]["tokens"] for i in range(len(blocks))])}, "cpu")
+    assert inputs["input_ids"].shape == inputs["labels"].shape == (len(blocks), 16)
+    assert inputs["labels"].flatten().tolist() == list(range(1, 1 + 16 * len(blocks)))
+    torch.testing.assert_close(inputs["labels"][:, :-1], inputs["input_ids"][:, 1:])
+
+
+def test_validation_is_the_held_out_end_of_the_stream(counting_tokens):
+    train, val = split_train_val(counting_tokens, block_size=10, val_fraction=0.1)
+    train_targets = {t for i in range(len(train)) for t in train[i]["tokens"][1:].tolist()}
+    val_tokens = {t for i in range(len(val)) for t in val[i]["tokens"].tolist()}
+    assert min(val_tokens) == 900 and max(val_tokens) <= 999
+    assert not train_targets & val_tokens
+    assert split_train_val(counting_tokens, 10, 0.0)[1] is None
+    with pytest.raises(ValueError, match="shorter than one block of 101 tokens"):
+        split_train_val(counting_tokens, block_size=100, val_fraction=0.05)
+
+
+def take(sampler, micro_batches):
+    iterator = iter(sampler)
+    return [next(iterator) for _ in range(micro_batches)]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_ranks_get_disjoint_equal_shards_that_match_one_process(grad_accum):
+    num_blocks, batch, world, steps = 50, 2, 2, 8  # 8 steps cross an epoch boundary (50 // 12 = 4 per epoch)
+    per_rank = [take(StepBatchSampler(num_blocks, batch, grad_accum, world, rank, seed=3), steps * grad_accum)
+                for rank in range(world)]
+    single = take(StepBatchSampler(num_blocks, batch * world, grad_accum, 1, 0, seed=3), steps * grad_accum)
+    steps_per_epoch = num_blocks // (batch * grad_accum * world)
+    for step in range(steps):
+        micro = slice(step * grad_accum, (step + 1) * grad_accum)
+        ranks = [sorted(i for b in per_rank[r][micro] for i in b) for r in range(world)]
+        assert len(ranks[0]) == len(ranks[1]) == batch * grad_accum
+        assert not set(ranks[0]) & set(ranks[1])
+        assert sorted(ranks[0] + ranks[1]) == sorted(i for b in single[micro] for i in b)
+    for epoch in range(steps // steps_per_epoch):
+        seen = [i for r in range(world) for b in per_rank[r][epoch * steps_per_epoch * grad_accum:
+                                                            (epoch + 1) * steps_per_epoch * grad_accum] for i in b]
+        assert len(seen) == len(set(seen)) == steps_per_epoch * batch * grad_accum * world  # no block twice
+    first, second = [set(i for b in per_rank[0][e * steps_per_epoch * grad_accum:(e + 1) * steps_per_epoch * grad_accum]
+                         for i in b) for e in (0, 1)]
+    assert first != second  # each epoch is reshuffled
+
+
+def test_a_sampler_started_at_step_k_continues_the_same_sequence():
+    full = take(StepBatchSampler(40, 2, 2, 2, 1, seed=7), 20)
+    resumed = take(StepBatchSampler(40, 2, 2, 2, 1, seed=7, start_step=6), 8)
+    assert resumed == full[12:20]
+
+
+def test_too_little_data_for_one_step_is_an_error():
+    with pytest.raises(ValueError, match="the training data has 10 blocks, fewer than one optimizer step needs"):
+        StepBatchSampler(10, 4, 2, 2, 0, seed=0)
+
+
+def test_eval_batches_are_disjoint_and_the_same_size_on_every_rank():
+    ranks = [eval_batches(23, 4, 3, r, max_batches=None) for r in range(3)]
+    flat = [sorted(i for b in batches for i in b) for batches in ranks]
+    assert [len(f) for f in flat] == [7, 7, 7]
+    assert len(set().union(*map(set, flat))) == 21
+    assert [len(b) for b in ranks[0]] == [4, 3]
+    assert sum(len(b) for b in eval_batches(100, 4, 1, 0, max_batches=2)) == 8
+    with pytest.raises(ValueError, match="fewer than the 3 processes"):
+        eval_batches(2, 4, 3, 0, None)

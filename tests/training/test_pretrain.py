@@ -1,0 +1,202 @@
+import importlib.util
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from glade.cli import main as glade_main
+from glade.tiny import tiny_model
+from glade.training.data import eval_batches, resolve_source, split_train_val, tokenize_to_cache
+from glade.training.pretrain import forward_backward
+from glade.training.tokenizer import token_byte_lengths
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def unigram_entropy(token_ids) -> float:
+    """Nats per token of the best model that ignores context: the data's own token frequencies."""
+    counts = np.bincount(np.asarray(token_ids))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pretraining_learns_and_exports_a_pipeline_ready_model(base_options, argv, fresh_accelerate, capsys, shakespeare):
+    options = {**base_options, "max_steps": 200, "batch_size": 16, "block_size": 64, "warmup_steps": 20,
+               "eval_every": 100, "eval_batches": 8, "log_every": 10, "save_every": 100, "keep_last": 1,
+               "mixed_precision": "bf16"}
+    assert glade_main(["pretrain", *argv(options)]) == 0
+    assert "precision bf16 autocast, fp32 weights" in capsys.readouterr().out
+    output, final = options["output_dir"], options["output_dir"] / "final"
+
+    records = read_jsonl(output / "metrics.jsonl")
+    evaluations = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [100, 200]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(10, 201, 10))
+    assert records[-2]["tokens_seen"] == 200 * 16 * 64
+    last = evaluations[-1]
+
+    # Far better than any context-free model of this text.
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    entropy = unigram_entropy(tokenizer(shakespeare.read_text())["input_ids"])
+    assert last["val_loss"] < entropy - 0.7, (last, entropy)
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
+
+    # The same validation blocks, scored independently by the exported fp32 model.
+    token_file = tokenize_to_cache(resolve_source([str(shakespeare)]), tokenizer, options["cache_dir"], show_progress=False)
+    _, val = split_train_val(token_file, 64, 0.1)
+    blocks = torch.stack([val[i]["tokens"] for batch in eval_batches(len(val), 16, 1, 0, 8) for i in batch])
+    model = AutoModelForCausalLM.from_pretrained(final)
+    with torch.no_grad():
+        logits = model(input_ids=blocks[:, :-1]).logits
+    nats = F.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten(), reduction="sum").item()
+    assert last["val_loss"] == pytest.approx(nats / blocks[:, 1:].numel(), rel=2e-2)  # bf16 in training
+    text_bytes = token_byte_lengths(tokenizer)[blocks[:, 1:].numpy()].sum()
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] * blocks[:, 1:].numel() / (text_bytes * math.log(2)))
+
+    generation = model.generation_config
+    assert (generation.do_sample, generation.temperature, generation.top_k, generation.max_new_tokens) == (True, 0.8, 50, 100)
+    assert generation.eos_token_id == generation.pad_token_id == tokenizer.eos_token_id
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator("ROMEO:", max_new_tokens=20)[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+    assert (output / "loss_curve.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (final / "loss_curve.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert read_jsonl(final / "metrics.jsonl") == records
+    assert "val_bpb" in (final / "README.md").read_text() or "bits per byte" in (final / "README.md").read_text()
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-200", "final", "loss_curve.png", "metrics.jsonl"]
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_real_targets(fresh_accelerate):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model(seed=0).train()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 257, (8, 16), generator=generator)
+    labels = torch.randint(0, 257, (8, 16), generator=generator)
+    for row in range(8):  # uneven padding: row i ignores its last 2i targets
+        labels[row, 16 - 2 * row:] = -100
+
+    def gradients(micro_batches):
+        model.zero_grad()
+        loss, num_targets = forward_backward(model, accelerator, micro_batches)
+        return loss, num_targets, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    one_loss, one_count, one_step = gradients([{"input_ids": input_ids, "labels": labels}])
+    rows = [slice(0, 1), slice(1, 4), slice(4, 6), slice(6, 8)]  # uneven micro-batches too
+    acc_loss, acc_count, accumulated = gradients([{"input_ids": input_ids[r], "labels": labels[r]} for r in rows])
+
+    model.zero_grad()
+    logits = model(input_ids=input_ids).logits
+    reference = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    reference.backward()
+    assert one_count == acc_count == (labels != -100).sum()
+    torch.testing.assert_close(acc_loss, reference.detach(), rtol=0, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(accumulated[name], one_step[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(accumulated[name], p.grad, rtol=0, atol=1e-5)
+    # Averaging per-micro-batch means instead would weight a 1-row batch like a 3-row one: clearly different.
+    naive = sum(F.cross_entropy(logits[r].flatten(0, 1), labels[r].flatten(), ignore_index=-100) for r in rows) / 4
+    assert abs(naive.item() - reference.item()) > 1e-3
+
+
+@pytest.fixture
+def small_model_dir(tmp_path):
+    path = tmp_path / "vocab-257-model"
+    tiny_model().save_pretrained(path)
+    return path
+
+
+def empty_jsonl(tmp_path):
+    path = tmp_path / "empty_docs.jsonl"
+    path.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": ""}) + "\n")
+    return path
+
+
+def file_in_the_way(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    return tmp_path / "a_file" / "run"
+
+
+def misspelt_config(tmp_path):
+    path = tmp_path / "misspelt.json"
+    path.write_text(json.dumps({"n_layers": 2, "n_embd": 64, "n_head": 4}))
+    return path
+
+
+BAD_INPUTS = {
+    "missing data file": (lambda t: {"data": [t / "missing.txt"]}, r"data file .*missing.txt does not exist"),
+    "empty dataset": (lambda t: {"data": [empty_jsonl(t)]}, r"has no text in column 'text' \(empty dataset\)"),
+    "missing text column": (lambda t: {"text_column": "body"}, r"text column 'body' not found .* its columns are: text"),
+    "block size over n_positions": (lambda t: {"block_size": 256}, r"--block-size 256 is larger than the model's n_positions=128"),
+    "vocabulary over the model's": (lambda t: {"config": None, "init_from": t / "vocab-257-model"},
+                                    r"the tokenizer has 512 tokens but the model in .* only vocab_size=257"),
+    "unwritable output directory": (lambda t: {"output_dir": file_in_the_way(t)}, r"output directory .*a_file/run is not writable"),
+    "missing tokenizer": (lambda t: {"tokenizer": t / "no-tokenizer"}, r"tokenizer directory .*no-tokenizer does not exist"),
+    "misspelt config field": (lambda t: {"config": misspelt_config(t)}, r"has unknown GladeConfig field\(s\): n_layers"),
+    "push without a repo id": (lambda t: {"push_to_hub": True}, r"--push-to-hub needs --hub-model-id"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_fail_early_with_a_clear_message(case, base_options, argv, tmp_path, small_model_dir, capsys, fresh_accelerate):
+    overrides, message = BAD_INPUTS[case]
+    options = {**base_options, "max_steps": 5, **overrides(tmp_path)}
+    with pytest.raises(SystemExit) as exit_info:
+        glade_main(["pretrain", *argv(options)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "glade pretrain: error:" in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before training started
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(base_options, argv, capsys, fresh_accelerate):
+    (base_options["output_dir"] / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        glade_main(["pretrain", *argv({**base_options, "max_steps": 5})])
+    assert "already holds a training run (checkpoint-4): continue it with --resume latest" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_val_data_is_used(
+    base_options, argv, tmp_path, shakespeare, capsys, fresh_accelerate
+):
+    val_data = tmp_path / "val.jsonl"
+    paragraphs = shakespeare.read_text().split("\n\n")[-40:]
+    val_data.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    runs = {}
+    for checkpointing in (False, True):
+        fresh_accelerate()  # a second Accelerator in this process
+        options = {**base_options, "max_steps": 3, "val_data": [val_data], "gradient_checkpointing": checkpointing,
+                   "output_dir": tmp_path / f"checkpointing-{checkpointing}"}
+        assert glade_main(["pretrain", *argv(options)]) == 0
+        runs[checkpointing] = read_jsonl(options["output_dir"] / "metrics.jsonl")
+    losses = [[r["train_loss"] for r in runs[c] if "train_loss" in r] for c in (False, True)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    assert [r["step"] for r in runs[False] if "val_loss" in r] == [3]
+    # Validation comes from the --val-data file, so none of --data is held out.
+    tokenizer = AutoTokenizer.from_pretrained(base_options["tokenizer"])
+    train_tokens = tokenize_to_cache(resolve_source([str(shakespeare)]), tokenizer, base_options["cache_dir"],
+                                     show_progress=False)
+    val_tokens = tokenize_to_cache(resolve_source([str(val_data)]), tokenizer, base_options["cache_dir"],
+                                   show_progress=False)
+    assert val_tokens.num_documents == 40
+    assert (f"data: {(train_tokens.num_tokens - 1) // 32} training blocks of 32 tokens, "
+            f"{(val_tokens.num_tokens - 1) // 32} validation blocks") in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_reporting_to_a_tracker_that_is_not_installed_is_an_error(base_options, argv, capsys, fresh_accelerate):
+    with pytest.raises(SystemExit):
+        glade_main(["pretrain", *argv({**base_options, "max_steps": 2, "report_to": "tensorboard"})])
+    assert "--report-to tensorboard: no such tracker is installed" in capsys.readouterr().err

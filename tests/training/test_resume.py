@@ -1,0 +1,120 @@
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from glade.cli import main as glade_main
+
+N = 8  # steps before the checkpoint; runs go to 2N
+
+
+def train_losses(output_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train_loss" in r]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def logged_steps(output_dir) -> list[int]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if "train_loss" in line]
+
+
+def wait_for(condition, process, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited ({process.returncode}) before {what}:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
+    base_options, argv, pretrain_subprocess, training_env, tmp_path
+):
+    # Dropout on, so the resumed run must also restore the RNG states to match.
+    options = {**base_options, "max_steps": 2 * N, "save_every": N, "keep_last": 0, "eval_every": N,
+               "dropout": 0.1, "mixed_precision": "bf16"}
+    straight = tmp_path / "straight"
+    pretrain_subprocess({**options, "output_dir": straight})
+
+    interrupted = tmp_path / "interrupted"
+    kill_after = N + random.randint(0, N - 2)
+    print(f"killing the run once step {kill_after} is logged")  # shown on failure, to reproduce
+    process = subprocess.Popen(
+        [sys.executable, "-m", "glade.training.pretrain", *argv({**options, "output_dir": interrupted})],
+        env=training_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: (interrupted / f"checkpoint-{N}" / "COMPLETE").exists(), process, f"checkpoint-{N}")
+        wait_for(lambda: max(logged_steps(interrupted), default=0) >= kill_after, process, f"step {kill_after}")
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (interrupted / f"checkpoint-{2 * N}").exists() and not (interrupted / "final").exists()
+
+    pretrain_subprocess({**options, "output_dir": interrupted, "resume": "latest"})
+
+    expected, resumed = train_losses(straight), train_losses(interrupted)
+    assert list(resumed) == list(range(1, 2 * N + 1))
+    assert resumed == expected  # exact float equality, step by step
+    straight_weights = load_file(straight / "final" / "model.safetensors")
+    resumed_weights = load_file(interrupted / "final" / "model.safetensors")
+    assert straight_weights.keys() == resumed_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert tensor.equal(resumed_weights[name]), name
+
+
+# Runs pretraining, but SIGKILLs itself just before the COMPLETE marker of checkpoint 4 would be written.
+DIE_WHILE_SAVING = textwrap.dedent(
+    """
+    import os, signal, sys
+    import glade.training.checkpoint as checkpoint
+    write_marker = checkpoint.write_marker
+    def die_before_marker(directory, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_marker(directory, step)
+    checkpoint.write_marker = die_before_marker
+    from glade.training.pretrain import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(
+    base_options, argv, training_env, capsys, fresh_accelerate
+):
+    options = {**base_options, "max_steps": 4, "save_every": 2, "keep_last": 0}
+    output = options["output_dir"]
+    result = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING, *argv(options)], env=training_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert (output / "checkpoint-2" / "COMPLETE").exists()
+    assert (output / ".checkpoint-4.tmp" / "model.safetensors").exists()  # the state was written, the marker not
+    assert not (output / "checkpoint-4").exists()
+    assert logged_steps(output) == [1, 2, 3, 4]
+
+    assert glade_main(["pretrain", *argv({**options, "resume": "latest"})]) == 0
+    assert f"resumed from {output / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    assert (output / "checkpoint-4" / "COMPLETE").exists() and (output / "final" / "model.safetensors").exists()
+    assert not (output / ".checkpoint-4.tmp").exists()
+    assert logged_steps(output) == [1, 2, 3, 4]  # what the killed run logged after step 2 was replaced
+
+    # Resuming with a different global batch would not continue on the same data: refused, naming why.
+    with pytest.raises(SystemExit):
+        glade_main(["pretrain", *argv({**options, "max_steps": 6, "batch_size": 2, "resume": "latest"})])
+    assert "the global batch (batch size x grad accum x processes) changed (global_batch_blocks was 4, now 2)" in (
+        capsys.readouterr().err
+    )

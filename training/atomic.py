@@ -1,0 +1,70 @@
+"""Write files and directories so that readers (and a resumed run) never see half of one.
+
+Everything is first written under a temporary name in the same directory, then renamed into place: a rename
+within one filesystem is atomic, so a crash leaves either the old result or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def write_bytes_atomically(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move the finished directory `source` to `target`, replacing any older `target`."""
+    if target.exists():
+        # A directory cannot be renamed over a non-empty one: move the old one aside first, then delete it.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield an empty staging directory beside `target`; on success it becomes `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_writable_directory(path: str | Path) -> Path:
+    """Create `path` if needed and prove a file can be written there; raise OSError naming it otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"output directory {path} is not writable: {error.strerror or error}") from error
+    return path

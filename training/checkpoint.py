@@ -1,0 +1,163 @@
+"""Training checkpoints that are either complete or ignored.
+
+`OUTPUT_DIR/checkpoint-STEP/` holds `accelerator.save_state` (model, optimizer, scheduler, every rank's RNG
+states, FSDP shards), `trainer_state.json` (step, tokens seen, what fixes the data position) and, written last,
+`COMPLETE`: a manifest with every file's size and SHA-256. Everything is written into `.checkpoint-STEP.tmp/` and
+renamed into place only after the marker, so a run killed while saving leaves no `checkpoint-STEP` at all, and a
+damaged checkpoint is detected before it is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .atomic import replace_directory, write_text_atomically
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names it and what is wrong."""
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def staging_dir(output_dir: str | Path, step: int) -> Path:
+    # The same name on every rank, and not matched by CHECKPOINT_PATTERN while unfinished.
+    return Path(output_dir) / f".checkpoint-{step}.tmp"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """`(step, path)` of every `checkpoint-STEP` directory, oldest first, complete or not."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def write_marker(directory: Path, step: int) -> None:
+    """Record every file of the finished checkpoint; the marker's presence means "complete"."""
+    manifest = {
+        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in _files(directory)
+    }
+    write_text_atomically(directory / MARKER, json.dumps({"step": step, "files": manifest}, indent=1))
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """The checkpoint's trainer state, after checking the marker and every file against it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    marker = directory / MARKER
+    if not marker.is_file():
+        raise CheckpointError(
+            f"checkpoint {directory} is incomplete: it has no {MARKER} marker (the run was probably stopped while "
+            "saving it)"
+        )
+    try:
+        manifest = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: its {MARKER} marker is unreadable ({error})")
+    if TRAINER_STATE not in manifest:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: it records no {TRAINER_STATE}")
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing")
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its recorded checksum")
+    return read_trainer_state(directory)
+
+
+def find_checkpoint(output_dir: str | Path, resume: str, fallback: bool = False) -> Path:
+    """The checkpoint `--resume latest|PATH` names, verified; with `fallback`, the newest complete one at or
+    before it when it is damaged."""
+    if resume == "latest":
+        candidates = [path for _, path in reversed(list_checkpoints(output_dir))]
+        if not candidates:
+            raise CheckpointError(f"--resume latest: {output_dir} has no checkpoint-STEP directories to resume from")
+    else:
+        requested = Path(resume)
+        match = CHECKPOINT_PATTERN.match(requested.name)
+        older = [
+            path for step, path in reversed(list_checkpoints(requested.parent)) if match and step < int(match.group(1))
+        ]
+        candidates = [requested, *older]
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as error:
+            if not fallback:
+                raise CheckpointError(
+                    f"{error}. Pass --resume-fallback to resume from the newest complete checkpoint before it"
+                ) from None
+            logger.warning("skipping %s", error)
+    raise CheckpointError(f"no complete checkpoint to resume from among {', '.join(map(str, candidates))}")
+
+
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, trainer_state: dict[str, Any], keep_last: int
+) -> Path:
+    """Save the full training state as `checkpoint-STEP`; called on every rank, written by each as needed."""
+    staging, final = staging_dir(output_dir, step), checkpoint_dir(output_dir, step)
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)  # left by a run killed while saving this step
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every rank's shards and RNG states must be on disk before the marker
+    if accelerator.is_main_process:
+        write_text_atomically(staging / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        write_marker(staging, step)
+        replace_directory(staging, final)
+        prune_checkpoints(output_dir, keep_last)
+    return final
+
+
+def read_trainer_state(directory: str | Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / TRAINER_STATE).read_text())
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(path)
+
+
+def remove_stale_staging(output_dir: str | Path) -> None:
+    """Delete `.checkpoint-STEP.tmp` directories left by runs killed while saving."""
+    for path in Path(output_dir).glob(".checkpoint-*.tmp"):
+        logger.warning("removing unfinished checkpoint %s", path)
+        shutil.rmtree(path)

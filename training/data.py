@@ -1,0 +1,372 @@
+"""Training data: documents -> one cached token file -> fixed blocks -> per-rank batches.
+
+1. `resolve_source` / `load_documents`: local `.txt` / `.jsonl` / `.parquet` files (each `.txt` file is one
+   document), a local dataset folder, or a Hub dataset id, read with `datasets` (optionally streaming).
+2. `tokenize_to_cache`: every document is tokenized once, followed by `<|endoftext|>`, into a flat numpy token file
+   (uint16 when the vocabulary fits, else uint32) whose name is a hash of the tokenizer, the data and the options,
+   so a second run (or every other rank) reuses it.
+3. `TokenBlocks`: windows of block_size + 1 tokens stepping by block_size, so each token after the first is a
+   prediction target exactly once; inputs are window[:-1] and targets window[1:].
+4. `StepBatchSampler`: one shuffled order per epoch; each optimizer step takes the next
+   batch_size x grad_accum x num_processes blocks of it, and each rank its own disjoint slice. The position in the
+   data is therefore a function of the step alone, which is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from .atomic import write_text_atomically
+
+# Bump when the token file layout changes, so stale caches are not reused.
+CACHE_FORMAT = 1
+IGNORE_INDEX = -100
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TOKENIZE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where documents come from: local files of one format, a local dataset folder, or a Hub dataset."""
+
+    kind: str  # "files", "folder" or "hub"
+    locations: tuple[str, ...]
+    text_column: str = "text"
+    split: str = "train"
+    config_name: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"Hub dataset {self.locations[0]} (split {self.split!r})"
+        more = len(self.locations) - 3
+        return ", ".join(self.locations[:3]) + (f" (+{more} more)" if more > 0 else "")
+
+    def fingerprint(self) -> dict:
+        """What identifies this data for the token cache: for files their paths, sizes and modification times."""
+        identity = asdict(self)
+        if self.kind == "files":
+            identity["files"] = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.locations]
+        elif self.kind == "folder":
+            files = sorted(str(p) for p in Path(self.locations[0]).rglob("*") if p.is_file())
+            identity["files"] = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+        return identity
+
+
+def resolve_source(
+    data: Sequence[str], text_column: str = "text", split: str = "train", config_name: str | None = None
+) -> TextSource:
+    """Classify `--data` arguments, failing early on missing or empty files and unsupported formats."""
+    if not data:
+        raise ValueError("no training data given: pass --data FILE... or a Hub dataset id")
+    files: list[str] = []
+    for item in data:
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(os.path.expanduser(item)))
+            if not matches:
+                raise FileNotFoundError(f"data pattern {item!r} matches no files")
+            files.extend(matches)
+        elif os.path.isdir(item):
+            if len(data) > 1:
+                raise ValueError(f"a dataset folder ({item}) must be the only --data source")
+            return TextSource("folder", (os.path.abspath(item),), text_column, "train")
+        elif os.path.isfile(item) or _looks_like_path(item):
+            if not os.path.isfile(item):
+                raise FileNotFoundError(f"data file {item} does not exist")
+            files.append(item)
+        else:
+            if len(data) > 1:
+                raise ValueError(f"a Hub dataset id ({item}) must be the only --data source")
+            return TextSource("hub", (item,), text_column, split, config_name)
+
+    suffixes = {Path(f).suffix.lower() for f in files}
+    unknown = suffixes - set(FILE_BUILDERS)
+    if unknown:
+        raise ValueError(f"unsupported data file type {sorted(unknown)}; use one of {sorted(FILE_BUILDERS)}")
+    if len({FILE_BUILDERS[s] for s in suffixes}) > 1:
+        raise ValueError(f"data files must share one format, got {sorted(suffixes)}")
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise ValueError(f"data file {f} is empty")
+    return TextSource("files", tuple(os.path.abspath(f) for f in files), text_column, "train")
+
+
+def _looks_like_path(item: str) -> bool:
+    # Hub ids look like "name" or "org/name"; anything else with a known suffix or path shape is a local file.
+    return Path(item).suffix.lower() in FILE_BUILDERS or item.startswith((".", "/", "~")) or item.count("/") > 1
+
+
+def load_documents(source: TextSource, streaming: bool = False):
+    """The source as a `datasets` Dataset (or IterableDataset when streaming), checked to have the text column."""
+    import datasets
+
+    if source.kind == "files":
+        builder = FILE_BUILDERS[Path(source.locations[0]).suffix.lower()]
+        # A .txt file is one document: splitting it by lines would put <|endoftext|> after every line.
+        options = {"sample_by": "document"} if builder == "text" else {}
+        documents = datasets.load_dataset(
+            builder, data_files=list(source.locations), split="train", streaming=streaming, **options
+        )
+    elif source.kind == "folder":
+        documents = datasets.load_dataset(source.locations[0], split="train", streaming=streaming)
+    else:
+        documents = datasets.load_dataset(
+            source.locations[0], source.config_name, split=source.split, streaming=streaming
+        )
+    columns = documents.column_names
+    if columns is None:  # a streamed dataset whose features are unknown until read
+        columns = list(next(iter(documents), {}).keys())
+    if source.text_column not in columns:
+        raise ValueError(
+            f"text column {source.text_column!r} not found in {source.describe()}; "
+            f"its columns are: {', '.join(columns) or '(none)'} (choose one with --text-column)"
+        )
+    return documents
+
+
+def iter_texts(documents, text_column: str, batch_size: int = TOKENIZE_BATCH) -> Iterator[list[str]]:
+    """Non-empty texts of the column, in batches."""
+    for batch in documents.iter(batch_size=batch_size):
+        texts = []
+        for text in batch[text_column]:
+            if text is None or text == "":
+                continue
+            if not isinstance(text, str):
+                raise ValueError(f"text column {text_column!r} holds {type(text).__name__} values, not strings")
+            texts.append(text)
+        if texts:
+            yield texts
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A flat file of token ids: every document's tokens followed by eos."""
+
+    path: Path
+    dtype: str
+    num_tokens: int
+    num_documents: int
+    num_bytes: int  # UTF-8 bytes of the documents' text
+    key: str
+
+    def tokens(self) -> np.memmap:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def cache_key(source: TextSource, tokenizer: PreTrainedTokenizerFast) -> str:
+    identity = {
+        "format": CACHE_FORMAT,
+        "source": source.fingerprint(),
+        "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "eos": tokenizer.eos_token_id,
+        "dtype": token_dtype(len(tokenizer)),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "glade" / "tokens"
+
+
+def cached_token_file(
+    source: TextSource, tokenizer: PreTrainedTokenizerFast, cache_dir: str | Path
+) -> TokenFile | None:
+    """The finished token file for this data and tokenizer, if one is in the cache."""
+    key = cache_key(source, tokenizer)
+    meta_path = Path(cache_dir) / f"{key}.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    token_file = TokenFile(path=Path(cache_dir) / f"{key}.bin", **meta)
+    expected = token_file.num_tokens * np.dtype(token_file.dtype).itemsize
+    if not token_file.path.is_file() or token_file.path.stat().st_size != expected:
+        return None
+    return token_file
+
+
+def tokenize_to_cache(
+    source: TextSource,
+    tokenizer: PreTrainedTokenizerFast,
+    cache_dir: str | Path,
+    streaming: bool = False,
+    show_progress: bool = True,
+) -> TokenFile:
+    """Tokenize `source` into the cache (or reuse what is there) and return the token file."""
+    cached = cached_token_file(source, tokenizer, cache_dir)
+    if cached is not None:
+        return cached
+    documents = load_documents(source, streaming=streaming)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(source, tokenizer)
+    dtype = np.dtype(token_dtype(len(tokenizer)))
+    eos = np.array([tokenizer.eos_token_id], dtype=dtype)
+    num_tokens = num_documents = num_bytes = 0
+
+    # Tokens go to a temporary file; the metadata, written last, is what marks the cache entry as finished.
+    staging = cache_dir / f".{key}.bin.{os.getpid()}.tmp"
+    total = len(documents) if hasattr(documents, "__len__") else None
+    progress = tqdm(total=total, desc=f"tokenizing {source.describe()}", unit="doc", disable=not show_progress)
+    try:
+        with open(staging, "wb") as out:
+            for texts in iter_texts(documents, source.text_column):
+                for encoding in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False):
+                    ids = np.asarray(encoding.ids, dtype=dtype)
+                    out.write(ids.tobytes())
+                    out.write(eos.tobytes())
+                    num_tokens += len(ids) + 1
+                num_documents += len(texts)
+                num_bytes += sum(len(text.encode("utf-8")) for text in texts)
+                progress.update(len(texts))
+        progress.close()
+        if num_documents == 0:
+            raise ValueError(f"{source.describe()} has no text in column {source.text_column!r} (empty dataset)")
+        os.replace(staging, cache_dir / f"{key}.bin")
+    finally:
+        staging.unlink(missing_ok=True)
+    meta = dict(dtype=dtype.name, num_tokens=num_tokens, num_documents=num_documents, num_bytes=num_bytes, key=key)
+    write_text_atomically(cache_dir / f"{key}.json", json.dumps(meta, indent=2))
+    return TokenFile(path=cache_dir / f"{key}.bin", **meta)
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Windows of block_size + 1 tokens over tokens[start:stop], consecutive windows sharing one token."""
+
+    def __init__(self, token_file: TokenFile, block_size: int, start: int = 0, stop: int | None = None):
+        self.token_file = token_file
+        self.block_size = block_size
+        self.start = start
+        self.stop = token_file.num_tokens if stop is None else stop
+        self._tokens: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return max(0, (self.stop - self.start - 1) // self.block_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} out of range [0, {len(self)})")
+        if self._tokens is None:  # opened lazily so DataLoader workers each map the file themselves
+            self._tokens = self.token_file.tokens()
+        begin = self.start + index * self.block_size
+        window = np.array(self._tokens[begin : begin + self.block_size + 1], dtype=np.int64)
+        return {"index": index, "tokens": torch.from_numpy(window)}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+
+def split_train_val(
+    token_file: TokenFile, block_size: int, val_fraction: float
+) -> tuple[TokenBlocks, TokenBlocks | None]:
+    """Hold out the last `val_fraction` of the token stream for validation (none when it is 0)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    num_val = int(token_file.num_tokens * val_fraction)
+    if val_fraction > 0 and num_val < block_size + 1:
+        raise ValueError(
+            f"the validation split ({val_fraction:g} of {token_file.num_tokens} tokens = {num_val}) is shorter than "
+            f"one block of {block_size + 1} tokens: raise --val-fraction, lower --block-size or pass --val-data"
+        )
+    split = token_file.num_tokens - num_val
+    train = TokenBlocks(token_file, block_size, 0, split)
+    val = TokenBlocks(token_file, block_size, split, token_file.num_tokens) if num_val else None
+    return train, val
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Inputs and already-shifted targets of a batch of windows."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+
+
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Endless per-rank micro-batches of block indices, starting at optimizer step `start_step`.
+
+    Epoch e is the permutation drawn from (seed, e). Step s of an epoch uses its blocks
+    [s * G, (s + 1) * G) with G = batch_size * grad_accum * num_processes; within them micro-batch m of rank r is
+    the slice starting at ((m * num_processes) + r) * batch_size. So ranks never overlap, every rank gets the same
+    number of batches (the remainder of an epoch is dropped), and the blocks of a step do not depend on how the
+    global batch is split into processes and micro-batches.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        batch_size: int,
+        grad_accum: int,
+        num_processes: int,
+        process_index: int,
+        seed: int,
+        start_step: int = 0,
+    ):
+        self.global_batch = batch_size * grad_accum * num_processes
+        if num_blocks < self.global_batch:
+            raise ValueError(
+                f"the training data has {num_blocks} blocks, fewer than one optimizer step needs "
+                f"(batch_size {batch_size} x grad_accum {grad_accum} x {num_processes} processes = "
+                f"{self.global_batch}): use more data or a smaller batch / block size"
+            )
+        self.num_blocks = num_blocks
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+        self.start_step = start_step
+        self.steps_per_epoch = num_blocks // self.global_batch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        epoch, order = -1, None
+        while True:
+            step_epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+            if step_epoch != epoch:
+                epoch, order = step_epoch, self.epoch_order(step_epoch)
+            step_start = step_in_epoch * self.global_batch
+            for micro in range(self.grad_accum):
+                begin = step_start + (micro * self.num_processes + self.process_index) * self.batch_size
+                yield order[begin : begin + self.batch_size].tolist()
+            step += 1
+
+
+def eval_batches(
+    num_blocks: int, batch_size: int, num_processes: int, process_index: int, max_batches: int | None
+) -> list[list[int]]:
+    """The same validation blocks at every evaluation, split evenly (and disjointly) over the ranks."""
+    per_rank = num_blocks // num_processes
+    if max_batches is not None:
+        per_rank = min(per_rank, max_batches * batch_size)
+    if per_rank == 0:
+        raise ValueError(
+            f"the validation split has {num_blocks} blocks, fewer than the {num_processes} processes evaluating it"
+        )
+    mine = list(range(process_index, per_rank * num_processes, num_processes))
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def make_loader(blocks: TokenBlocks, batch_sampler, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    # A private generator: creating an iterator must not draw from the global RNG, whose state a resume restores.
+    return torch.utils.data.DataLoader(
+        blocks,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),
+    )
