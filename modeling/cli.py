@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "glade.param_count",
     "glade.inspection",
     "glade.conversion.cli",
+    "glade.training.cli",
 ]
 
 
