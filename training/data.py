@@ -56,10 +56,12 @@ class TextSource:
         """What identifies this data for the token cache: for files their paths, sizes and modification times."""
         identity = asdict(self)
         if self.kind == "files":
-            identity["files"] = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.locations]
+            files = list(self.locations)
         elif self.kind == "folder":
             files = sorted(str(p) for p in Path(self.locations[0]).rglob("*") if p.is_file())
-            identity["files"] = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+        else:
+            return identity
+        identity["files"] = [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
         return identity
 
 
@@ -70,9 +72,9 @@ def resolve_source(
     if not data:
         raise ValueError("no training data given: pass --data FILE... or a Hub dataset id")
     files: list[str] = []
-    for item in data:
+    for item in map(os.path.expanduser, map(str, data)):
         if glob.has_magic(item):
-            matches = sorted(glob.glob(os.path.expanduser(item)))
+            matches = sorted(glob.glob(item))
             if not matches:
                 raise FileNotFoundError(f"data pattern {item!r} matches no files")
             files.extend(matches)
@@ -103,12 +105,12 @@ def resolve_source(
 
 def _looks_like_path(item: str) -> bool:
     # Hub ids look like "name" or "org/name"; anything else with a known suffix or path shape is a local file.
-    return Path(item).suffix.lower() in FILE_BUILDERS or item.startswith((".", "/", "~")) or item.count("/") > 1
+    return Path(item).suffix.lower() in FILE_BUILDERS or item.startswith((".", "/")) or item.count("/") > 1
 
 
 def load_documents(source: TextSource, streaming: bool = False):
     """The source as a `datasets` Dataset (or IterableDataset when streaming), checked to have the text column."""
-    import datasets
+    import datasets  # slow to import, and not needed at all when the tokens are cached
 
     if source.kind == "files":
         builder = FILE_BUILDERS[Path(source.locations[0]).suffix.lower()]

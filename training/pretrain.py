@@ -143,6 +143,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("eval_every", "save_every", "keep_last", "num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr must be between 0 and --lr ({args.lr}), got {args.min_lr}")
     if args.block_size is not None and args.block_size < 1:
         raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
     if args.push_to_hub and not args.hub_model_id:
@@ -335,8 +339,11 @@ def forward_backward(model, accelerator: Accelerator, micro_batches: list[dict[s
     return total, num_targets
 
 
-def optimizer_step(model, optimizer, scheduler, accelerator: Accelerator, grad_clip: float) -> torch.Tensor:
+def optimizer_step(model, optimizer, scheduler, accelerator: Accelerator, grad_clip: float) -> torch.Tensor | None:
+    """Clip, step and clear; returns the gradient norm before clipping (None under DeepSpeed, which clips itself)."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a (replicated) DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -584,7 +591,7 @@ def train_loop(
             train_loss, tokens_per_sec = window.flush(accelerator, tokens_per_step)
             metrics.log({
                 "step": state.step, "train_loss": train_loss, "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),  # DeepSpeed clips internally
+                "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_seen": state.tokens_seen, "tokens_per_sec": tokens_per_sec,
             })
             progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")

@@ -144,6 +144,7 @@ BAD_INPUTS = {
     "unwritable output directory": (lambda t: {"output_dir": file_in_the_way(t)}, r"output directory .*a_file/run is not writable"),
     "missing tokenizer": (lambda t: {"tokenizer": t / "no-tokenizer"}, r"tokenizer directory .*no-tokenizer does not exist"),
     "misspelt config field": (lambda t: {"config": misspelt_config(t)}, r"has unknown GladeConfig field\(s\): n_layers"),
+    "zero learning rate": (lambda t: {"lr": 0.0}, r"--lr must be > 0, got 0.0"),
     "push without a repo id": (lambda t: {"push_to_hub": True}, r"--push-to-hub needs --hub-model-id"),
 }
 
@@ -200,3 +201,20 @@ def test_reporting_to_a_tracker_that_is_not_installed_is_an_error(base_options, 
     with pytest.raises(SystemExit):
         glade_main(["pretrain", *argv({**base_options, "max_steps": 2, "report_to": "tensorboard"})])
     assert "--report-to tensorboard: no such tracker is installed" in capsys.readouterr().err
+
+
+def test_continued_pretraining_starts_from_the_given_weights(base_options, argv, tmp_path, fresh_accelerate):
+    from glade.tiny import byte_level_tokenizer
+
+    start = tmp_path / "start"
+    tiny_model(seed=3).save_pretrained(start)
+    byte_level_tokenizer().save_pretrained(start)
+    # A vanishing learning rate: the export must hold the starting weights (Adam moves each by about lr per step).
+    options = {**base_options, "config": None, "init_from": start, "tokenizer": start, "max_steps": 2, "lr": 1e-12,
+               "weight_decay": 0.0, "max_shard_size": "100KB"}
+    assert glade_main(["pretrain", *argv(options)]) == 0
+    final = options["output_dir"] / "final"
+    assert len(list(final.glob("model-*.safetensors"))) > 1 and (final / "model.safetensors.index.json").exists()
+    exported = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(start).state_dict().items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-10, msg=name)
