@@ -13,7 +13,7 @@ from .gpt2 import (
     load_glade_as_gpt2,
     load_gpt2_as_glade,
 )
-from .io import atomic_output_dir, load_state_dict_files
+from .io import load_state_dict_files
 from .nanogpt import convert_nanogpt, glade_config_from_nanogpt, load_nanogpt_as_glade
 from .parity import ParityReport, compare_models, parity_batch, write_parity_report
 from .state_dict import glade_to_gpt2, gpt2_to_glade, nanogpt_to_glade
@@ -21,7 +21,6 @@ from .state_dict import glade_to_gpt2, gpt2_to_glade, nanogpt_to_glade
 __all__ = [
     "Conversion",
     "ParityReport",
-    "atomic_output_dir",
     "compare_models",
     "convert_gpt2",
     "convert_nanogpt",

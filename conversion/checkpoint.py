@@ -8,7 +8,9 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from transformers import AutoTokenizer, PreTrainedModel
 
-from .io import WEIGHT_FILES, atomic_output_dir, copy_tokenizer_files
+from glade.atomic import atomic_directory
+
+from .io import WEIGHT_FILES, copy_tokenizer_files
 from .parity import ParityReport, compare_models, parity_batch, write_parity_report
 
 # What a conversion needs from a hub repo; other formats (TF, Flax, ONNX) are skipped.
@@ -60,7 +62,7 @@ def save_conversion(
     and the report lands beside the weights before the folder is moved into place.
     """
     destination = Path(destination)
-    with atomic_output_dir(destination, overwrite=overwrite) as staging:
+    with atomic_directory(destination, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer_files = copy_tokenizer_files(tokenizer_dir, staging) if tokenizer_dir is not None else []
         report = None

@@ -1,12 +1,8 @@
-"""The file side of conversion: reading weight files, copying tokenizer files, and an all-or-nothing output folder."""
+"""The file side of conversion: reading weight files and copying tokenizer files."""
 
 import json
-import os
 import pickle
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,44 +83,3 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     for name in copied:
         shutil.copyfile(Path(source) / name, Path(destination) / name)
     return copied
-
-
-@contextmanager
-def atomic_output_dir(destination: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder that becomes `destination` only if the block finishes.
-
-    The temporary folder sits beside `destination`, so the final step is a rename on the same file system; on any
-    error it is removed and `destination` is left as it was.
-    """
-    destination = Path(destination)
-    if destination.exists() and not destination.is_dir():
-        raise FileExistsError(f"Destination {destination} exists and is not a directory")
-    if destination.is_dir() and any(destination.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Destination {destination} is not empty; pass --overwrite (overwrite=True) to replace it"
-        )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
-        yield staging
-        if destination.exists():
-            _replace_dir(destination, staging)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _replace_dir(destination: Path, replacement: Path) -> None:
-    """Swap `replacement` in for the existing `destination`, putting the old one back if the swap fails."""
-    retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-    try:
-        os.replace(destination, retired / destination.name)
-        try:
-            os.replace(replacement, destination)
-        except OSError:
-            os.replace(retired / destination.name, destination)
-            raise
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)

@@ -11,8 +11,6 @@ Each analysis returns plain data (dataclasses and lists); a separate `plot_*` fu
 
 import argparse
 import math
-import os
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizerBase
 
+from .atomic import save_figure
 from .generate import TINY_RANDOM, default_model, load_model_and_tokenizer
 from .modeling_glade import GladeForCausalLM
 from .param_count import checkpoint_config
@@ -424,22 +423,8 @@ def _annotated_heatmap(
 
 def _finish(figure: Figure, out: str | Path | None) -> Figure:
     if out is not None:
-        _save_png(figure, Path(out))
+        save_figure(figure, out)
     return figure
-
-
-def _save_png(figure: Figure, path: Path) -> None:
-    # Written beside the target and renamed into place, so a crash never leaves a half-written picture.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png", dpi=120)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a picture is meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

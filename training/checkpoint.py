@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .atomic import replace_directory, write_text_atomically
+from glade.atomic import replace_directory, write_text_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from .atomic import write_text_atomically
+from glade.atomic import write_text_atomically
 
 # Bump when the token file layout changes, so stale caches are not reused.
 CACHE_FORMAT = 1

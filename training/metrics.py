@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text_atomically
+from glade.atomic import write_text_atomically
 from .model_card import METRICS_FILENAME, read_metrics
 
 

@@ -20,7 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from glade import GladeConfig
 from glade.param_count import count_parameters
 
-from .atomic import write_bytes_atomically
+from glade.atomic import write_bytes_atomically
 
 TEMPLATE = files("glade.training") / "templates" / "glade_card.md"
 METRICS_FILENAME = "metrics.jsonl"

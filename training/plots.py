@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from .atomic import write_bytes_atomically
+from glade.atomic import save_figure
 
 
 def plot_loss_curve(records: Sequence[dict[str, Any]], png_path: str | Path, title: str = "Glade pre-training") -> Path:
@@ -30,7 +29,4 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], png_path: str | Path, tit
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_bytes_atomically(png_path, buffer.getvalue())
-    return Path(png_path)
+    return save_figure(figure, png_path)

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from glade import GladeConfig, GladeForCausalLM  # importing glade registers it with the Auto classes
 
-from .atomic import atomic_directory, check_writable_directory
+from glade.atomic import atomic_directory, check_writable_directory
 from .checkpoint import (
     CheckpointError,
     find_checkpoint,

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from glade.tiny import END_OF_TEXT
 
-from .atomic import atomic_directory
+from glade.atomic import atomic_directory
 
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 # Every byte needs a token before any merge can be learned, plus one for <|endoftext|>.

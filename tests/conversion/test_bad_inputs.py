@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glade.conversion import atomic_output_dir, convert_gpt2, convert_nanogpt, export_gpt2
+from glade.atomic import atomic_directory
+from glade.conversion import convert_gpt2, convert_nanogpt, export_gpt2
 
 
 def assert_fails_cleanly(convert, destination, error_type, match):
@@ -137,7 +138,7 @@ def test_a_failure_while_writing_leaves_the_old_destination_untouched(tmp_path):
     destination.mkdir()
     (destination / "old.txt").write_text("old")
     with pytest.raises(RuntimeError, match="disk full"):
-        with atomic_output_dir(destination, overwrite=True) as staging:
+        with atomic_directory(destination, overwrite=True) as staging:
             (staging / "half.bin").write_bytes(b"\0" * 10)
             raise RuntimeError("disk full")
     assert [p.name for p in destination.iterdir()] == ["old.txt"]

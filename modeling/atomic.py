@@ -1,4 +1,4 @@
-"""Write files and directories so that readers (and a resumed run) never see half of one.
+"""Write files, pictures and directories so that readers (and a resumed run) never see half of one.
 
 Everything is first written under a temporary name in the same directory, then renamed into place: a rename
 within one filesystem is atomic, so a crash leaves either the old result or the new one, never a mix.
@@ -6,6 +6,7 @@ within one filesystem is atomic, so a crash leaves either the old result or the 
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -13,9 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 
 def write_bytes_atomically(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
@@ -31,22 +35,43 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     write_bytes_atomically(path, text.encode("utf-8"))
 
 
+def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Render a matplotlib figure to a PNG file atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomically(path, buffer.getvalue())
+    return Path(path)
+
+
 def replace_directory(source: Path, target: Path) -> None:
-    """Move the finished directory `source` to `target`, replacing any older `target`."""
-    if target.exists():
-        # A directory cannot be renamed over a non-empty one: move the old one aside first, then delete it.
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
+    """Move the finished directory `source` to `target`; an older `target` is replaced, or kept if the swap fails."""
+    if not target.exists():
         os.replace(source, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(source, target)
+        return
+    # A directory cannot be renamed over a non-empty one: move the old one aside first, then delete it.
+    retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    try:
+        os.replace(target, retired / target.name)
+        try:
+            os.replace(source, target)
+        except OSError:
+            os.replace(retired / target.name, target)
+            raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield an empty staging directory beside `target`; on success it becomes `target`, on error it is removed."""
+def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty staging directory beside `target`; on success it becomes `target`, on error it is removed.
+
+    With `overwrite=False` a non-empty `target` is refused before anything is written.
+    """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"Destination {target} exists and is not a directory")
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        raise FileExistsError(f"Destination {target} is not empty; pass --overwrite (overwrite=True) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
