@@ -21,6 +21,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
@@ -42,6 +43,89 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": partial(F.gelu, approximate="tanh"),
     "gelu": F.gelu,
 }
+
+
+# Rows of logits per chunk of the fused loss: 8M fp32 values (32 MiB), small next to a full [tokens, vocab] tensor yet
+# wide enough to keep the matmuls efficient.
+LOSS_CHUNK_ELEMENTS = 2**23
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, never holding more than one chunk of logits.
+
+    The loss is a scalar, so its gradient is known up to the incoming scale while the chunk's logits are at hand: the
+    forward computes the gradients too (softmax minus one-hot), chunk by chunk, and backward only scales them. This
+    runs the same three matmuls as logits + `cross_entropy`, in the same dtype (the autocast dtype when autocast is
+    on), with fp32 softmax, but without the full logits, their fp32 copy, log-softmax output and logit gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, compute_dtype: torch.dtype):
+        wants_hidden_grad, wants_weight_grad = ctx.needs_input_grad[:2]
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
+            valid = targets != ignore_index
+            safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            grad_hidden = torch.empty_like(hidden) if wants_hidden_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight_grad else None
+            chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                logits = (hidden_c[rows] @ weight_c.T).float()
+                target_logits = logits.gather(1, safe_targets[rows]).squeeze(1)
+                max_logits = logits.amax(dim=-1, keepdim=True)
+                exp_logits = logits.sub_(max_logits).exp_()  # in place: one [rows, vocab] buffer serves throughout
+                sum_exp = exp_logits.sum(dim=-1)
+                loss += ((max_logits.squeeze(1) + sum_exp.log() - target_logits) * valid[rows]).sum()
+                if not (wants_hidden_grad or wants_weight_grad):
+                    continue
+                # d loss / d logits = softmax - one_hot(target), and zero on ignored rows.
+                grad_logits = exp_logits.mul_((valid[rows] / sum_exp).unsqueeze(1))
+                grad_logits.scatter_add_(1, safe_targets[rows], -valid[rows, None].float())
+                grad_logits = grad_logits.to(compute_dtype)
+                if wants_hidden_grad:
+                    grad_hidden[rows] = grad_logits @ weight_c
+                if wants_weight_grad:
+                    grad_weight += (grad_logits.T @ hidden_c[rows]).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if wants_weight_grad else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def causal_lm_loss_from_hidden(
+    hidden_states: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss` of the logits `hidden_states @ head_weight.T`, computed without them: the same
+    label shift, `ignore_index` and `num_items_in_batch` (sum / count) versus mean reduction."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    device_type = hidden_states.device.type
+    compute_dtype = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head_weight.dtype
+    )
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+    loss = LinearCrossEntropy.apply(hidden_states, head_weight, targets, ignore_index, compute_dtype)
+    if num_items_in_batch is None:
+        return loss / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 def eager_attention_forward(
@@ -307,12 +391,18 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
         labels: token ids to predict, aligned with `input_ids` (the shift happens inside); -100 is ignored.
         logits_to_keep: compute logits for only the last N positions (0 = all), as generation needs just one.
+        skip_logits: compute the loss straight from the hidden states, chunk by chunk, and return `logits=None`
+            (the convention of Liger Kernel and the Trainer). Default: in training mode when labels are given. The
+            full logits and their fp32 copies are most of a small model's training memory.
         """
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True needs labels: without a loss to compute, the logits are the only output")
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -322,12 +412,15 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        logits = loss = None
+        if skip_logits and self._can_fuse_loss(logits_to_keep):
+            loss = causal_lm_loss_from_hidden(outputs.last_hidden_state, self.lm_head.weight, labels, **kwargs)
+        else:
+            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
             loss=loss,
@@ -335,6 +428,20 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+
+    def _can_fuse_loss(self, logits_to_keep: int | torch.Tensor) -> bool:
+        # Only the stock loss over every position of a plain Linear head is reproduced; a custom loss function, a
+        # wrapped head (adapters, quantization, hooks) or sliced logits take the ordinary path.
+        head = self.lm_head
+        return (
+            self.loss_function is LOSS_MAPPING["ForCausalLM"]
+            and type(head) is nn.Linear
+            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+            and head.weight.is_floating_point()
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
         )
 
 

@@ -1,0 +1,125 @@
+"""Every fast path computes what the reference path computes: same loss and gradients within dtype tolerance."""
+
+import pytest
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from glade.tiny import tiny_model
+
+IDS = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+
+
+def masked_labels() -> torch.Tensor:
+    labels = IDS.clone()
+    labels[0, 9:] = -100  # a padded row
+    labels[2, :4] = -100  # an ignored prompt
+    return labels
+
+
+def loss_and_grads(model, skip_logits: bool, autocast: bool = False, **inputs):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(IDS, skip_logits=skip_logits, **inputs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"labels": IDS},
+        {"labels": masked_labels()},
+        {"labels": masked_labels(), "num_items_in_batch": torch.tensor(17)},
+        {"labels": IDS, "shift_labels": masked_labels()},
+    ],
+    ids=["plain", "ignore_index", "num_items_in_batch", "shift_labels"],
+)
+def test_fused_loss_equals_transformers_loss_in_fp32(inputs):
+    model = tiny_model().train()
+    reference, reference_grads = loss_and_grads(model, skip_logits=False, **inputs)
+    fused, fused_grads = loss_and_grads(model, skip_logits=True, **inputs)
+    assert fused.logits is None and reference.logits is not None
+    torch.testing.assert_close(fused.loss, reference.loss, atol=1e-6, rtol=1e-6)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_loss_under_bf16_autocast_stays_within_bf16_tolerance():
+    model = tiny_model().train()
+    labels = masked_labels()
+    reference, reference_grads = loss_and_grads(model, skip_logits=False, autocast=True, labels=labels)
+    fused, fused_grads = loss_and_grads(model, skip_logits=True, autocast=True, labels=labels)
+    torch.testing.assert_close(fused.loss, reference.loss, atol=0, rtol=1e-3)
+    for name, grad in reference_grads.items():
+        # bf16 keeps 8 bits of mantissa: one rounding is 2^-8 ~ 0.4% of the largest entry.
+        assert (fused_grads[name] - grad).abs().max() <= 2e-2 * grad.abs().max(), name
+
+
+def test_loss_without_gradients_matches_and_computes_none():
+    model = tiny_model().train()
+    with torch.no_grad():
+        fused = model(IDS, labels=masked_labels()).loss
+        reference = model(IDS, labels=masked_labels(), skip_logits=False).loss
+    torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-6)
+
+
+def test_logits_are_skipped_only_when_training_with_labels():
+    model = tiny_model()
+    assert model(IDS, labels=IDS).logits is not None  # eval mode: evaluation metrics need logits
+    model.train()
+    assert model(IDS).logits.shape == (3, 24, 257)
+    assert model(IDS, labels=IDS).logits is None
+    assert model(IDS, labels=IDS, skip_logits=False).logits.shape == (3, 24, 257)
+    with pytest.raises(ValueError, match="skip_logits=True needs labels"):
+        model(IDS, skip_logits=True)
+
+
+def test_custom_loss_function_and_hooked_head_take_the_reference_path():
+    model = tiny_model().train()
+    model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum() * 0 + 42.0
+    out = model(IDS, labels=IDS)
+    assert out.loss.item() == 42.0 and out.logits is not None
+
+    model = tiny_model().train()
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    out = model(IDS, labels=IDS)
+    assert seen == [(3, 24, 257)] and out.logits is not None
+
+
+def test_sdpa_gets_no_mask_unless_there_is_padding(monkeypatch):
+    """Pure causal attention runs sdpa's is_causal kernel: no [T, T] mask is built, in training or decoding."""
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    masks = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
+    model = tiny_model()
+    assert model.config._attn_implementation == "sdpa"
+    model.train()
+    model(IDS, labels=IDS)
+    model.eval()
+    model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=3, do_sample=False)
+    assert len(masks) == 2 * 4 and all(mask is None for mask in masks)
+
+    masks.clear()
+    padded = torch.ones_like(IDS)
+    padded[0, :5] = 0
+    model(IDS, attention_mask=padded)
+    assert all(isinstance(mask, torch.Tensor) for mask in masks)
+
+
+def test_compiled_training_step_has_no_graph_break_and_matches_eager():
+    model = tiny_model().train()
+    labels = masked_labels()
+    eager, eager_grads = loss_and_grads(model, skip_logits=True, labels=labels)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
+    model.zero_grad(set_to_none=True)
+    loss = compiled(IDS, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager.loss, atol=1e-5, rtol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
