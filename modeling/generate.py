@@ -1,6 +1,8 @@
 """`glade generate`: sample text from a Glade checkpoint through `pipeline("text-generation")`."""
 
 import argparse
+from fnmatch import fnmatch
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -8,15 +10,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .tiny import byte_level_tokenizer, tiny_model
 
-# The pretrained checkpoint that ships in the repository (see model_cards/); used when no model is named.
-SHIPPED_MODEL_GLOB = "model_cards/glade-gutenberg-*"
+# Pretrained checkpoints ship as package data in model_cards/ (glade.model_cards); used when no model is named.
+SHIPPED_MODEL_PATTERN = "glade-*"
 TINY_RANDOM = "tiny-random"
 
 
 def default_model() -> str:
-    """The shipped checkpoint when this is a source checkout that has one, else the tiny random demo model."""
-    repo_root = Path(__file__).resolve().parent.parent
-    shipped = sorted(p for p in repo_root.glob(SHIPPED_MODEL_GLOB) if (p / "config.json").is_file())
+    """The newest shipped pretrained checkpoint, or the tiny random demo model when none ships."""
+    shipped = sorted(
+        Path(str(entry)) for entry in files("glade.model_cards").iterdir()
+        if fnmatch(entry.name, SHIPPED_MODEL_PATTERN) and entry.joinpath("config.json").is_file()
+    )
     return str(shipped[-1]) if shipped else TINY_RANDOM
 
 

@@ -1,8 +1,8 @@
 """Model cards for Glade checkpoints: a README.md whose YAML header drives the Hub and whose body tells people how
 to load, what went into training, and how well it did.
 
-The card is rendered from the package's one template, `glade/training/templates/glade_card.md` (shipped as
-package data; `model_cards/templates/glade_card.md` is a link to it for people browsing the repository), through
+The card is rendered from the template `model_cards/templates/glade_card.md` (installed as package data of
+`glade.model_cards`), through
 `huggingface_hub.ModelCard`, so the metadata is exactly what `ModelCard.load` parses back.
 """
 
@@ -22,7 +22,7 @@ from glade.param_count import count_parameters
 
 from glade.atomic import write_bytes_atomically
 
-TEMPLATE = files("glade.training") / "templates" / "glade_card.md"
+TEMPLATE = files("glade.model_cards") / "templates" / "glade_card.md"
 METRICS_FILENAME = "metrics.jsonl"
 LOSS_CURVE_FILENAME = "loss_curve.png"
 TAGS = ["glade", "gpt2", "custom_code", "text-generation"]
