@@ -13,14 +13,16 @@ from .modeling_glade import GladeForCausalLM
 END_OF_TEXT = "<|endoftext|>"
 
 
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """GPT-2's byte-level pre-tokenization with no merges: 256 byte tokens plus `<|endoftext|>` (id 256)."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
-    vocab[END_OF_TEXT] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+def byte_level_bpe(bpe: models.BPE) -> Tokenizer:
+    """A tokenizer around `bpe` with GPT-2's byte-level pre-tokenization and decoding."""
+    backend = Tokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def wrap_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer in which `<|endoftext|>` is bos, eos, pad and unk, as in GPT-2."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=END_OF_TEXT,
@@ -28,6 +30,13 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=END_OF_TEXT,
         unk_token=END_OF_TEXT,
     )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2's byte-level pre-tokenization with no merges: 256 byte tokens plus `<|endoftext|>` (id 256)."""
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab[END_OF_TEXT] = len(vocab)
+    return wrap_tokenizer(byte_level_bpe(models.BPE(vocab=vocab, merges=[])))
 
 
 def tiny_config(vocab_size: int = 257, **overrides) -> GladeConfig:

@@ -10,12 +10,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from glade.tiny import END_OF_TEXT
-
 from glade.atomic import atomic_directory
+from glade.tiny import END_OF_TEXT, byte_level_bpe, wrap_tokenizer
 
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 # Every byte needs a token before any merge can be learned, plus one for <|endoftext|>.
@@ -30,9 +29,7 @@ def train_tokenizer(
         raise ValueError(
             f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {END_OF_TEXT}), got {vocab_size}"
         )
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
+    backend = byte_level_bpe(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -41,13 +38,7 @@ def train_tokenizer(
         show_progress=show_progress,
     )
     backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        unk_token=END_OF_TEXT,
-    )
+    return wrap_tokenizer(backend)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | Path) -> Path:
