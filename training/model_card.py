@@ -76,6 +76,8 @@ def write_model_card(
     sample_generations: Sequence[SampleGeneration] | None = None,
     loss_curve_png: str | Path | None = None,
     parity_report: Mapping[str, Any] | str | Path | None = None,
+    details: str | None = None,
+    limitations: Sequence[str] = (),
 ) -> Path:
     """Render `model_dir/README.md` for a saved Glade checkpoint and return its path.
 
@@ -92,6 +94,9 @@ def write_model_card(
         sample_generations: `(prompt, settings, text)` triples; settings is a dict of sampling options or a string.
         loss_curve_png: a PNG plot, copied into the model directory as `loss_curve.png` and embedded.
         parity_report: checks against a reference implementation (name -> value), or a JSON file holding them.
+        details: Markdown about this particular model (data and licenses, tokenizer, hardware, comparisons), placed
+            after the overview.
+        limitations: model-specific limitations, listed before the generic ones.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -129,6 +134,8 @@ def write_model_card(
         loss_curve=_copy_loss_curve(loss_curve_png, model_dir) if loss_curve_png is not None else None,
         parity=_table_rows(_load_parity(parity_report)),
         samples=[_sample_view(*sample) for sample in sample_generations or ()],
+        details=details,
+        limitations=list(limitations),
     )
     readme = model_dir / "README.md"
     write_bytes_atomically(readme, card.content.encode("utf-8"))

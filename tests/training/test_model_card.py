@@ -126,3 +126,15 @@ def test_bad_inputs_are_clear_errors(model_dir, tmp_path):
 
 def test_template_ships_in_the_package_and_matches_model_cards():
     assert TEMPLATE.read_text() == (REPO_ROOT / "model_cards" / "templates" / "glade_card.md").read_text()
+
+
+def test_details_and_model_specific_limitations_are_rendered(tmp_path):
+    from glade.tiny import tiny_model
+
+    tiny_model().save_pretrained(tmp_path)
+    readme = write_model_card(
+        tmp_path, details="## Data\n\nPublic-domain books.", limitations=["Victorian spelling and attitudes."]
+    )
+    text = readme.read_text()
+    assert "## Data\n\nPublic-domain books." in text
+    assert text.index("- Victorian spelling and attitudes.") < text.index("- This is a small research model")
