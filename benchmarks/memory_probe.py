@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from models import QUICK_SHAPES, SHAPES, build_models, make_batch, make_optimizer, training_step
+from models import QUICK_SHAPES, SHAPES, build_model, make_batch, make_optimizer, training_step
 
 KIB = 1024
 
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     shape = (QUICK_SHAPES if args.quick else SHAPES)[args.shape]
-    model = build_models(shape)[args.variant]  # the other two are dropped here, before the baseline
+    model = build_model(shape, args.variant)  # the weights' values do not change what training allocates
     optimizer = make_optimizer(model)
     batch = make_batch(shape)
     gc.collect()

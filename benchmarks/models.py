@@ -53,27 +53,41 @@ QUICK_SHAPES = {
 }
 
 
-def build_models(shape: Shape, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """`{"gpt2": ..., "glade": ..., "nanogpt": ...}` holding identical weights, in train mode, without dropout."""
-    torch.manual_seed(seed)
+def gpt2_config(shape: Shape) -> GPT2Config:
     special = shape.vocab_size - 1
-    gpt2_config = GPT2Config(
+    return GPT2Config(
         vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
         n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=special, eos_token_id=special, pad_token_id=special, attn_implementation="sdpa",
     )
-    gpt2 = GPT2LMHeadModel(gpt2_config)
-    glade_config = glade_config_from_gpt2(gpt2_config)
-    glade = GladeForCausalLM(glade_config)
-    glade.load_state_dict(gpt2_to_glade(gpt2.state_dict(), glade_config))
-    nanogpt = NanoGPT(shape.vocab_size, shape.n_positions, shape.n_embd, shape.n_layer, shape.n_head)
-    nanogpt.load_state_dict(glade.state_dict())
-    return {"gpt2": gpt2.train(), "glade": glade.train(), "nanogpt": nanogpt.train()}
+
+
+def build_model(shape: Shape, name: str) -> torch.nn.Module:
+    """One contestant with its own random weights, in train mode, without dropout."""
+    config = gpt2_config(shape)
+    if name == "gpt2":
+        model = GPT2LMHeadModel(config)
+    elif name == "glade":
+        model = GladeForCausalLM(glade_config_from_gpt2(config))
+    else:
+        model = NanoGPT(shape.vocab_size, shape.n_positions, shape.n_embd, shape.n_layer, shape.n_head)
+    return model.train()
+
+
+def build_models(shape: Shape, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """`{"gpt2": ..., "glade": ..., "nanogpt": ...}` holding GPT-2's seeded weights, converted."""
+    torch.manual_seed(seed)
+    models = {name: build_model(shape, name) for name in ("gpt2", "glade", "nanogpt")}
+    glade = models["glade"]
+    glade.load_state_dict(gpt2_to_glade(models["gpt2"].state_dict(), glade.config))
+    models["nanogpt"].load_state_dict(glade.state_dict())
+    return models
 
 
 def make_batch(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of [batch, seq_len] token ids, targets being the inputs shifted by one (nanoGPT's layout)."""
-    tokens = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len + 1), generator=generator)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 

@@ -128,6 +128,66 @@ def causal_lm_loss_from_hidden(
     return loss / num_items_in_batch
 
 
+# Queries per block of the compiled CPU attention: a block's fp32 scores stay cache-sized, and blocks skip most of
+# the masked upper triangle.
+ATTENTION_BLOCK = 128
+
+
+def causal_block_scores(query: torch.Tensor, key: torch.Tensor, start: int, scaling: float) -> torch.Tensor:
+    """fp32 attention scores of the queries at positions start.. against the keys 0..start+len(query), causal."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    rows = torch.arange(start, start + query.shape[-2], device=query.device).unsqueeze(1)
+    future = torch.arange(key.shape[-2], device=query.device).unsqueeze(0) > rows
+    return scores.masked_fill(future, float("-inf"))
+
+
+class BlockCausalAttention(torch.autograd.Function):
+    """softmax(q k^T * scaling + causal mask) v as explicit matmuls over blocks of queries, for torch.compile on CPU.
+
+    Like flash attention it keeps only the output and the log-sum-exp for backward, and recomputes the probabilities
+    there. Each block of queries meets only the keys up to its own last position. Inductor fuses the element-wise
+    softmax work around the matmuls, which makes this faster than torch's CPU flash kernel at short sequence lengths;
+    in eager mode those element-wise passes stay separate and the flash kernel is faster, so this is used only when
+    compiling. Matmuls run in the inputs' dtype and the softmax in fp32, as in `eager_attention_forward`.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scaling: float):
+        output = torch.empty_like(query)
+        log_normalizers = []
+        for start in range(0, query.shape[-2], ATTENTION_BLOCK):
+            end = min(start + ATTENTION_BLOCK, query.shape[-2])
+            scores = causal_block_scores(query[..., start:end, :], key[..., :end, :], start, scaling)
+            log_normalizer = scores.logsumexp(dim=-1, keepdim=True)
+            probs = (scores - log_normalizer).exp().to(query.dtype)
+            output[..., start:end, :] = torch.matmul(probs, value[..., :end, :])
+            log_normalizers.append(log_normalizer)
+        ctx.save_for_backward(query, key, value, output, torch.cat(log_normalizers, dim=-2))
+        ctx.scaling = scaling
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, log_normalizer = ctx.saved_tensors
+        grad_output = grad_output.to(query.dtype)
+        # d softmax: grad_scores = probs * (grad_probs - rowsum(grad_output * output)).
+        delta = (grad_output.float() * output.float()).sum(dim=-1, keepdim=True)
+        grad_query = torch.empty_like(query)
+        grad_key = torch.zeros_like(key, dtype=torch.float32)
+        grad_value = torch.zeros_like(value, dtype=torch.float32)
+        for start in range(0, query.shape[-2], ATTENTION_BLOCK):
+            end = min(start + ATTENTION_BLOCK, query.shape[-2])
+            block_query, block_grad = query[..., start:end, :], grad_output[..., start:end, :]
+            scores = causal_block_scores(block_query, key[..., :end, :], start, ctx.scaling)
+            probs = (scores - log_normalizer[..., start:end, :]).exp()
+            grad_value[..., :end, :] += torch.matmul(probs.to(query.dtype).transpose(-1, -2), block_grad).float()
+            grad_probs = torch.matmul(block_grad, value[..., :end, :].transpose(-1, -2)).float()
+            grad_scores = (probs * (grad_probs - delta[..., start:end, :]) * ctx.scaling).to(query.dtype)
+            grad_query[..., start:end, :] = torch.matmul(grad_scores, key[..., :end, :])
+            grad_key[..., :end, :] += torch.matmul(grad_scores.transpose(-1, -2), block_query).float()
+        return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -179,21 +239,40 @@ class GladeAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.config.attn_pdrop if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        dropout = self.config.attn_pdrop if self.training else 0.0
+        if self._use_block_attention(query, key, attention_mask, dropout):
+            attn_output = BlockCausalAttention.apply(query, key, value, self.scaling).transpose(1, 2)
+            attn_weights = None
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=self.scaling,
+                **kwargs,
+            )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+
+    def _use_block_attention(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+    ) -> bool:
+        # sdpa's job, done faster when compiling for CPU: whole causal sequences (no padding mask, no cached prefix),
+        # without attention dropout, which the block kernel does not implement.
+        return (
+            torch.compiler.is_compiling()
+            and query.device.type == "cpu"
+            and self.config._attn_implementation == "sdpa"
+            and attention_mask is None
+            and dropout == 0.0
+            and query.shape[-2] == key.shape[-2] > 1
+        )
 
 
 class GladeMLP(nn.Module):

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import glade.modeling_glade as modeling
 from glade.tiny import tiny_model
 
 IDS = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
@@ -112,14 +114,49 @@ def test_sdpa_gets_no_mask_unless_there_is_padding(monkeypatch):
     assert all(isinstance(mask, torch.Tensor) for mask in masks)
 
 
-def test_compiled_training_step_has_no_graph_break_and_matches_eager():
+def attention_and_grads(attention, dtype: torch.dtype):
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 21, 8).to(dtype).requires_grad_() for _ in range(3))
+    output = attention(query, key, value)
+    output.backward(torch.randn(output.shape).to(dtype))
+    return [output.float()] + [tensor.grad.float() for tensor in (query, key, value)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_causal_attention_matches_sdpa(monkeypatch, dtype):
+    monkeypatch.setattr(modeling, "ATTENTION_BLOCK", 8)  # 21 positions: two full blocks and a partial one
+    exact = attention_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), torch.float64)
+    sdpa = attention_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), dtype)
+    block = attention_and_grads(lambda q, k, v: modeling.BlockCausalAttention.apply(q, k, v, 8**-0.5), dtype)
+    for name, reference, sdpa_result, block_result in zip(["output", "query", "key", "value"], exact, sdpa, block):
+        sdpa_error = (sdpa_result - reference).abs().max()
+        block_error = (block_result - reference).abs().max()
+        if dtype == torch.float32:
+            assert block_error < 1e-5, name
+        else:  # no further from the exact result than torch's own kernel, up to one bf16 rounding
+            assert block_error <= 2 * sdpa_error + 2**-8 * reference.abs().max(), name
+
+
+def test_compiled_training_step_has_no_graph_break_and_matches_eager(monkeypatch):
+    """Compiled on CPU, attention runs the block kernel instead of sdpa; loss and gradients stay those of eager."""
+    monkeypatch.setattr(modeling, "ATTENTION_BLOCK", 8)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    sdpa_calls = []
+
+    def recording_sdpa(*args, **kwargs):
+        sdpa_calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
     model = tiny_model().train()
     labels = masked_labels()
     eager, eager_grads = loss_and_grads(model, skip_logits=True, labels=labels)
+    assert len(sdpa_calls) == 2
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
     model.zero_grad(set_to_none=True)
     loss = compiled(IDS, labels=labels).loss
     loss.backward()
+    assert len(sdpa_calls) == 2  # not even traced
     torch.testing.assert_close(loss, eager.loss, atol=1e-5, rtol=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
