@@ -45,9 +45,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-# Rows of logits per chunk of the fused loss: 8M fp32 values (32 MiB), small next to a full [tokens, vocab] tensor yet
-# wide enough to keep the matmuls efficient.
+# Rows of logits per chunk of the fused loss: 8M fp32 values (32 MiB), small next to a full [tokens, vocab] tensor,
+# but at least 512 rows, because every chunk adds its weight gradient into a [vocab, n_embd] fp32 buffer (through an
+# fp32 temporary on CPU), passes over memory that must stay cheap next to the chunk's matmuls.
 LOSS_CHUNK_ELEMENTS = 2**23
+LOSS_CHUNK_MIN_ROWS = 512
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -69,7 +71,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss = hidden.new_zeros((), dtype=torch.float32)
             grad_hidden = torch.empty_like(hidden) if wants_hidden_grad else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight_grad else None
-            chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+            chunk = max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // weight.shape[0])
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
                 logits = (hidden_c[rows] @ weight_c.T).float()
@@ -87,7 +89,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if wants_hidden_grad:
                     grad_hidden[rows] = grad_logits @ weight_c
                 if wants_weight_grad:
-                    grad_weight += (grad_logits.T @ hidden_c[rows]).float()
+                    grad_weight += grad_logits.T @ hidden_c[rows]
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if wants_weight_grad else None)
         return loss
 
@@ -180,11 +182,11 @@ class BlockCausalAttention(torch.autograd.Function):
             block_query, block_grad = query[..., start:end, :], grad_output[..., start:end, :]
             scores = causal_block_scores(block_query, key[..., :end, :], start, ctx.scaling)
             probs = (scores - log_normalizer[..., start:end, :]).exp()
-            grad_value[..., :end, :] += torch.matmul(probs.to(query.dtype).transpose(-1, -2), block_grad).float()
+            grad_value[..., :end, :] += torch.matmul(probs.to(query.dtype).transpose(-1, -2), block_grad)
             grad_probs = torch.matmul(block_grad, value[..., :end, :].transpose(-1, -2)).float()
             grad_scores = (probs * (grad_probs - delta[..., start:end, :]) * ctx.scaling).to(query.dtype)
             grad_query[..., start:end, :] = torch.matmul(grad_scores, key[..., :end, :])
-            grad_key[..., :end, :] += torch.matmul(grad_scores.transpose(-1, -2), block_query).float()
+            grad_key[..., :end, :] += torch.matmul(grad_scores.transpose(-1, -2), block_query)
         return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None
 
 

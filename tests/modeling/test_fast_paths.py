@@ -36,7 +36,10 @@ def loss_and_grads(model, skip_logits: bool, autocast: bool = False, **inputs):
     ],
     ids=["plain", "ignore_index", "num_items_in_batch", "shift_labels"],
 )
-def test_fused_loss_equals_transformers_loss_in_fp32(inputs):
+def test_fused_loss_equals_transformers_loss_in_fp32(monkeypatch, inputs):
+    # 72 positions in chunks of 16: four full chunks and a partial one.
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_MIN_ROWS", 16)
     model = tiny_model().train()
     reference, reference_grads = loss_and_grads(model, skip_logits=False, **inputs)
     fused, fused_grads = loss_and_grads(model, skip_logits=True, **inputs)
@@ -46,7 +49,9 @@ def test_fused_loss_equals_transformers_loss_in_fp32(inputs):
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_fused_loss_under_bf16_autocast_stays_within_bf16_tolerance():
+def test_fused_loss_under_bf16_autocast_stays_within_bf16_tolerance(monkeypatch):
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_MIN_ROWS", 16)
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 1)
     model = tiny_model().train()
     labels = masked_labels()
     reference, reference_grads = loss_and_grads(model, skip_logits=False, autocast=True, labels=labels)
