@@ -1,12 +1,13 @@
 """Glade against transformers' GPT-2 (and a nanoGPT-style model), same configs, same weights, one process, one run.
 
-    python benchmarks/run.py                      # everything, ~10 minutes on 2 cores
+    python benchmarks/run.py                      # everything, ~10 minutes on 2 idle cores
     python benchmarks/run.py --only train-small   # one section while developing
     python benchmarks/run.py --quick --json out.json
 
 Every timed call alternates between contestants (A B C, B C A, ...) after warm-up, and the table shows medians and the
 ratio Glade/GPT-2 of those medians. Training-throughput rows also get MFU against a matmul peak measured at the start
-of the same run. Peak memory is measured one contestant per fresh subprocess (see memory_probe.py).
+and at the end of the same run. Peak memory is measured one contestant per fresh subprocess (see memory_probe.py).
+Method and results: docs/benchmarks.md.
 """
 
 import os

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,25 +14,15 @@ from tqdm import tqdm
 
 @dataclass
 class Samples:
-    """Wall-clock and process CPU seconds of each timed call. CPU time counts every thread's work and is far less
-    disturbed by other processes than wall time, so it is kept beside it as a load-robust cross-check."""
+    """Wall-clock and process CPU seconds of each timed call. CPU time counts the work done by every thread, not the
+    time spent waiting for a core, so it is kept beside wall time as a cross-check under load."""
 
     wall_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
 
     @property
     def median_wall_s(self) -> float:
-        return median(self.wall_s)
-
-    @property
-    def median_cpu_s(self) -> float:
-        return median(self.cpu_s)
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return statistics.median(self.wall_s)
 
 
 def alternate(calls: dict[str, Callable[[], object]], warmup: int, repeats: int, label: str) -> dict[str, Samples]:
