@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import torch
+
 # A meta-path finder that refuses `glade`, placed before the editable-install finder; the repo folders are
 # kept off sys.path too (-I), so only remote code or plain transformers can serve the model.
 _BLOCK_GLADE = textwrap.dedent(
@@ -22,7 +24,10 @@ _BLOCK_GLADE = textwrap.dedent(
 
 def run_without_glade(code: str, cwd: str, env: dict[str, str] | None = None, timeout: int = 300) -> str:
     """Run `code` with glade unimportable; returns stdout, raising with stderr on failure."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(env or {})}
+    # The same thread count as this process: fp32 matmuls round differently with a different split of the work.
+    threads = str(torch.get_num_threads())
+    full_env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "OMP_NUM_THREADS": threads}
+    full_env.update(env or {})
     result = subprocess.run(
         [sys.executable, "-I", "-c", _BLOCK_GLADE + textwrap.dedent(code)],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
