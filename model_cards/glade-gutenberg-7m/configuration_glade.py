@@ -1,0 +1,167 @@
+"""Glade configuration: GPT-2's hyperparameters under GPT-2's stored names.
+
+This file ships beside `modeling_glade.py` as Hub remote code, so it imports only the standard library and
+transformers.
+"""
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+ACTIVATION_FUNCTIONS = ("gelu_new", "gelu")
+
+# Architecture shapes only: the vocabulary of a trained model comes from its tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "glade-tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256, "vocab_size": 8192},
+    "glade-small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "n_positions": 512, "vocab_size": 8192},
+    "glade-base": {"n_layer": 8, "n_head": 8, "n_embd": 512, "n_positions": 512, "vocab_size": 8192},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},
+    # GPT-3 (Brown et al. 2020, table 2.1). Two rows of that table do not multiply out: 1.3B lists 24 heads of 128
+    # for d_model=2048, and 13B lists d_model=5140 for 40 heads of 128. We keep d_head=128 and d_model as the
+    # parameter counts require (16 heads; 5120). Head count does not change the number of parameters.
+    "gpt3-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 2048},
+    "gpt3-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "n_positions": 2048},
+    "gpt3-large": {"n_layer": 24, "n_head": 16, "n_embd": 1536, "n_positions": 2048},
+    "gpt3-xl": {"n_layer": 24, "n_head": 16, "n_embd": 2048, "n_positions": 2048},
+    "gpt3-2.7b": {"n_layer": 32, "n_head": 32, "n_embd": 2560, "n_positions": 2048},
+    "gpt3-6.7b": {"n_layer": 32, "n_head": 32, "n_embd": 4096, "n_positions": 2048},
+    "gpt3-13b": {"n_layer": 40, "n_head": 40, "n_embd": 5120, "n_positions": 2048},
+    "gpt3-175b": {"n_layer": 96, "n_head": 96, "n_embd": 12288, "n_positions": 2048},
+}
+
+
+class GladeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Glade model. Defaults reproduce GPT-2 124M.
+
+    Args:
+        vocab_size: number of token ids.
+        n_positions: longest sequence the learned position table covers.
+        n_embd, n_layer, n_head: width, depth and attention heads (`n_embd` must divide by `n_head`).
+        n_inner: MLP width; `None` means 4 * n_embd.
+        activation_function: `"gelu_new"` (GPT-2's tanh approximation) or `"gelu"` (exact, as in nanoGPT).
+        resid_pdrop, embd_pdrop, attn_pdrop: dropout probabilities, in [0, 1).
+        layer_norm_epsilon: LayerNorm epsilon.
+        initializer_range: std of the normal init; residual projections get std / sqrt(2 * n_layer).
+        bias: whether Linear layers and LayerNorms carry biases (GPT-2: True; nanoGPT can turn them off).
+        bos_token_id, eos_token_id, pad_token_id: special ids; when bos and eos are both unset they default to
+            the last id, where GPT-2 and Glade tokenizers keep `<|endoftext|>`.
+        tie_word_embeddings: share the token embedding with the output head.
+    """
+
+    model_type = "glade"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+        "intermediate_size": "n_inner",
+    }
+    # The fused q|k|v weight cannot be split column-wise as three separate projections would be.
+    base_model_tp_plan = {
+        "h.*.attn.c_proj": "rowwise",
+        "h.*.mlp.c_fc": "colwise",
+        "h.*.mlp.c_proj": "rowwise",
+    }
+    # FSDP2 units: one per block. The token embedding stays in the root unit with the head it is tied to.
+    base_model_fsdp_plan = {"h.*": "free_full_weight", "ln_f": "keep_full_weight"}
+    base_model_pp_plan = {
+        "wte": (["input_ids"], ["inputs_embeds"]),
+        "h": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "ln_f": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bias: bool = True
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        self._check_types()
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        if self.bos_token_id is None and self.eos_token_id is None:
+            self.bos_token_id = self.eos_token_id = self.vocab_size - 1
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+        self.validate_token_ids()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "GladeConfig":
+        """A config from a named shape (`gpt2`, `glade-small`, `gpt3-175b`, ...), with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def _check_types(self) -> None:
+        int_fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        for name in int_fields + ("n_inner",):
+            value = getattr(self, name)
+            if value is None and name == "n_inner":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"GladeConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"GladeConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+        for name in ("bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GladeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def validate_architecture(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GladeConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GladeConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                "each head gets n_embd / n_head channels"
+            )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"GladeConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(f"GladeConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        if self.initializer_range < 0:
+            raise ValueError(f"GladeConfig.initializer_range must be >= 0, got {self.initializer_range}")
+        if self.activation_function not in ACTIVATION_FUNCTIONS:
+            raise ValueError(
+                f"GladeConfig.activation_function must be one of {ACTIVATION_FUNCTIONS}, "
+                f"got {self.activation_function!r}"
+            )
+
+    def validate_token_ids(self) -> None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            for token_id in ids:
+                if token_id is None:
+                    continue
+                if not isinstance(token_id, int) or isinstance(token_id, bool):
+                    raise ValueError(f"GladeConfig.{name} must be an int or None, got {token_id!r}")
+                if not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"GladeConfig.{name}={token_id} is outside the vocabulary (vocab_size={self.vocab_size})"
+                    )
+
+
+__all__ = ["GladeConfig", "PRESETS"]
