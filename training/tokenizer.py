@@ -74,6 +74,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist (train one with `glade train-tokenizer`)")
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # transformers records where this machine loaded the files from and would save it with the tokenizer: a model
+    # published from this run must not carry a path flag of the training machine.
+    for key in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(key, None)
     if not tokenizer.is_fast:
         raise ValueError(f"tokenizer at {path} is not a fast (Rust `tokenizers`) tokenizer")
     if tokenizer.eos_token_id is None:

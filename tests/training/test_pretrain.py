@@ -72,6 +72,7 @@ def test_pretraining_learns_and_exports_a_pipeline_ready_model(base_options, arg
     assert (output / "loss_curve.png").read_bytes().startswith(PNG_SIGNATURE)
     assert (final / "loss_curve.png").read_bytes().startswith(PNG_SIGNATURE)
     assert read_jsonl(final / "metrics.jsonl") == records
+    assert not {"is_local", "local_files_only"} & json.loads((final / "tokenizer_config.json").read_text()).keys()
     assert "val_bpb" in (final / "README.md").read_text() or "bits per byte" in (final / "README.md").read_text()
     assert sorted(p.name for p in output.iterdir()) == ["checkpoint-200", "final", "loss_curve.png", "metrics.jsonl"]
 
