@@ -13,6 +13,7 @@ from .tiny import byte_level_tokenizer, tiny_model
 # Pretrained checkpoints ship as package data in model_cards/ (glade.model_cards); used when no model is named.
 SHIPPED_MODEL_PATTERN = "glade-*"
 TINY_RANDOM = "tiny-random"
+DEFAULT_MAX_NEW_TOKENS = 50
 
 
 def default_model() -> str:
@@ -43,31 +44,34 @@ def load_generator(model: str, device: str | None = None):
 def generate(
     prompts: list[str],
     model: str | None = None,
-    max_new_tokens: int = 50,
-    temperature: float = 1.0,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     greedy: bool = False,
     seed: int | None = None,
     device: str | None = None,
 ) -> list[str]:
-    """Continue each prompt; returns prompt + continuation for each."""
+    """Continue each prompt; returns prompt + continuation for each.
+
+    Sampling settings left as None come from the checkpoint's generation config (a shipped model's card states
+    them), and `max_new_tokens` falls back to 50 where the checkpoint sets no length.
+    """
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
+    if not greedy and temperature is not None and temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use greedy decoding for temperature 0), got {temperature}")
     generator = load_generator(model or default_model(), device=device)
     if seed is not None:
         torch.manual_seed(seed)
+    if max_new_tokens is None:
+        max_new_tokens = generator.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     options = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
     if not greedy:
-        options["temperature"] = temperature
-        if top_k is not None:
-            options["top_k"] = top_k
-        if top_p is not None:
-            options["top_p"] = top_p
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        options.update({name: value for name, value in sampling.items() if value is not None})
     results = generator(prompts, batch_size=len(prompts), **options)
     return [result[0]["generated_text"] for result in results]
 
@@ -76,10 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="continue a prompt with a Glade model")
     parser.add_argument("prompt", nargs="+", help="one or more prompts (batched together)")
     parser.add_argument("--model", default=None, help=f"checkpoint dir or hub id (default: shipped model, else {TINY_RANDOM})")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default: the model's generation config, else {DEFAULT_MAX_NEW_TOKENS}")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the model's generation config")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the model's generation config")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")

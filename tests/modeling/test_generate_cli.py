@@ -30,6 +30,18 @@ def test_seeded_sampling_is_reproducible(checkpoint):
     assert all(text.startswith(prompt) for text, prompt in zip(first, ["Hi", "Yo"]))
 
 
+def test_unset_options_come_from_the_checkpoints_generation_config(checkpoint):
+    model = tiny_model()
+    # Near-zero temperature samples the argmax, so an honoured config makes sampling reproduce greedy decoding.
+    model.generation_config.update(do_sample=True, temperature=1e-3, top_k=0, max_new_tokens=7)
+    model.generation_config.save_pretrained(checkpoint)
+    greedy = generate(["Hello"], model=str(checkpoint), greedy=True)
+    assert len(greedy[0]) == len("Hello") + 7  # one byte per token
+    assert all(generate(["Hello"], model=str(checkpoint), seed=seed) == greedy for seed in range(3))
+    explicit = [generate(["Hello"], model=str(checkpoint), seed=seed, top_k=200, temperature=5.0) for seed in range(3)]
+    assert any(text != greedy for text in explicit)
+
+
 def test_cli_prints_the_continuation(checkpoint, capsys):
     assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
