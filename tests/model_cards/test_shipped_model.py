@@ -85,3 +85,15 @@ def test_readme_main_command_prints_a_continuation(capsys):
     assert main(["generate", "It was a dark and stormy night", "--max-new-tokens", "20", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("It was a dark and stormy night") and len(out) > len("It was a dark and stormy night") + 20
+
+
+def test_card_baseline_comparison_matches_both_training_logs():
+    text = ModelCard.load(SHIPPED / "README.md").text
+    for log, name in (("metrics.jsonl", "Glade"), ("baseline_metrics.jsonl", "transformers GPT2LMHeadModel")):
+        last_eval = [r for r in read_metrics(SHIPPED / log) if "val_loss" in r][-1]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} | "))
+        assert f"{last_eval['step']:,}" in row and f"{last_eval['tokens_seen']:,}" in row
+        assert f"{last_eval['val_loss']:.4f}" in row and f"{last_eval['val_bpb']:.4f}" in row
+    assert "](baseline_comparison.png)" in text and "](loss_curve.png)" in text
+    for picture in ("baseline_comparison.png", "loss_curve.png"):
+        assert (SHIPPED / picture).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
