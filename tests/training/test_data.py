@@ -1,8 +1,12 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tokenizers import AddedToken, Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import glade.training.data as data_module
 from glade.tiny import byte_level_tokenizer
@@ -17,6 +21,7 @@ from glade.training.data import (
     tokenize_to_cache,
 )
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DOCS = ["First document.", "Second one, with ünïcödé.", "", "Third\n\nand last."]
 
 
@@ -42,6 +47,41 @@ def test_documents_are_tokenized_once_each_followed_by_eos(jsonl, tmp_path):
     assert token_file.tokens().tolist() == expected_tokens(tokenizer, DOCS)
     assert token_file.num_documents == 3  # the empty one is skipped
     assert token_file.num_bytes == sum(len(d.encode()) for d in DOCS)
+
+
+@pytest.fixture(params=["gpt2", "trained"])
+def byte_level_bpe(request, bpe_tokenizer_dir):
+    path = FIXTURES / "gpt2-tokenizer" if request.param == "gpt2" else bpe_tokenizer_dir
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_long_documents_are_encoded_in_pieces_with_the_same_ids(byte_level_bpe, shakespeare, tmp_path, monkeypatch):
+    text = shakespeare.read_text()[:40_000]
+    text = text[:15_000] + "<|endoftext|>\n" + text[15_000:30_000] + "\n<|endoftext|>" + text[30_000:]
+    pieces = data_module.split_at_newlines(text, 500)
+    assert "".join(pieces) == text and len(pieces) > 40
+    assert all(a[-1] != "\n" and b[0] == "\n" and not b[1].isspace() for a, b in zip(pieces, pieces[1:]))
+    assert data_module.splits_exactly_at_newlines(byte_level_bpe)
+
+    monkeypatch.setattr(data_module, "PIECE_CHARS", 500)
+    monkeypatch.setattr(data_module, "ENCODE_CHARS", 2_000)  # several encode calls per document
+    path = tmp_path / "book.txt"
+    path.write_text(text)
+    token_file = tokenize_to_cache(resolve_source([str(path)]), byte_level_bpe, tmp_path / "cache", show_progress=False)
+    assert token_file.tokens().tolist() == expected_tokens(byte_level_bpe, [text])
+    assert token_file.num_documents == 1
+
+
+def test_tokenizers_that_a_cut_could_change_are_encoded_whole(bpe_tokenizer_dir):
+    spec = json.loads((bpe_tokenizer_dir / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True  # each piece would gain a leading space
+    prefixed = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    assert not data_module.splits_exactly_at_newlines(prefixed)
+    stripped = AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
+    stripped.add_special_tokens({"additional_special_tokens": [AddedToken("<sep>", rstrip=True)]})
+    assert not data_module.splits_exactly_at_newlines(stripped)
+    assert [ids for ids, _ in data_module.encode_in_pieces(["a\nb" * 10], prefixed, None)] == [
+        prefixed("a\nb" * 10, add_special_tokens=False)["input_ids"]]
 
 
 def test_streaming_gives_the_same_tokens(jsonl, tmp_path):
