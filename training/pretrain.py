@@ -63,6 +63,7 @@ logger = logging.getLogger("glade.pretrain")
 FINAL_DIR = "final"
 LOSS_CURVE = "loss_curve.png"
 # Sampling defaults shipped in final/generation_config.json, so `pipeline("text-generation")` samples sensibly.
+COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper holds the model as `_orig_mod`
 GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50, max_new_tokens=100)
 
 
@@ -435,13 +436,17 @@ def export_final(
 ) -> Path:
     """Write `final/`: weights (safetensors), tokenizer, generation config, metrics, loss curve and model card."""
     final = Path(args.output_dir) / FINAL_DIR
-    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP and DeepSpeed: every rank calls it
+    # A collective under FSDP and DeepSpeed: every rank calls it. Under --compile the names carry the compiled
+    # wrapper's prefix, which a saved model must not.
+    state_dict = {
+        name.removeprefix(COMPILED_PREFIX): tensor for name, tensor in accelerator.get_state_dict(model).items()
+    }
     if not accelerator.is_main_process:
         return final
     records = metrics.records()
     loss_curve = plot_loss_curve(records, Path(args.output_dir) / LOSS_CURVE) if records else None
     with atomic_directory(final) as staging:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         config = unwrapped.config
         unwrapped.generation_config = GenerationConfig(
             **GENERATION_DEFAULTS,

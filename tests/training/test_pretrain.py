@@ -204,7 +204,8 @@ def test_reporting_to_a_tracker_that_is_not_installed_is_an_error(base_options, 
     assert "--report-to tensorboard: no such tracker is installed" in capsys.readouterr().err
 
 
-def test_continued_pretraining_starts_from_the_given_weights(base_options, argv, tmp_path, fresh_accelerate):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_continued_pretraining_starts_from_the_given_weights(compiled, base_options, argv, tmp_path, fresh_accelerate):
     from glade.tiny import byte_level_tokenizer
 
     start = tmp_path / "start"
@@ -212,10 +213,12 @@ def test_continued_pretraining_starts_from_the_given_weights(base_options, argv,
     byte_level_tokenizer().save_pretrained(start)
     # A vanishing learning rate: the export must hold the starting weights (Adam moves each by about lr per step).
     options = {**base_options, "config": None, "init_from": start, "tokenizer": start, "max_steps": 2, "lr": 1e-12,
-               "weight_decay": 0.0, "max_shard_size": "100KB"}
+               "weight_decay": 0.0, "max_shard_size": "100KB", "compile": compiled}
     assert glade_main(["pretrain", *argv(options)]) == 0
     final = options["output_dir"] / "final"
     assert len(list(final.glob("model-*.safetensors"))) > 1 and (final / "model.safetensors.index.json").exists()
-    exported = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    model, loading = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]  # no torch.compile wrapper names
+    exported = model.state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(start).state_dict().items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-10, msg=name)
