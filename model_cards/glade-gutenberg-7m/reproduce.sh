@@ -2,7 +2,7 @@
 # Rebuild glade-gutenberg-7m and its GPT2LMHeadModel baseline from the public-domain Gutenberg books.
 # Run from the repository root with glade installed: bash model_cards/glade-gutenberg-7m/reproduce.sh
 # DATA defaults to the project's shared corpus. On 2 CPU cores the two runs share the machine, one core each, for
-# about 80 minutes; the tokenizer takes one more.
+# about 100 minutes; the tokenizer takes one more.
 set -euo pipefail
 DATA=${DATA:-../shared/data/gutenberg-en}
 RUNS=${RUNS:-runs}
