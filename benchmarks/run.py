@@ -1,6 +1,6 @@
 """Glade against transformers' GPT-2 (and a nanoGPT-style model), same configs, same weights, one process, one run.
 
-    python benchmarks/run.py                      # everything, ~10 minutes on 2 idle cores
+    python benchmarks/run.py                      # everything, ~6 minutes on 2 idle cores, 10-12 under load
     python benchmarks/run.py --only train-small   # one section while developing
     python benchmarks/run.py --quick --json out.json
 
