@@ -62,8 +62,8 @@ logger = logging.getLogger("glade.pretrain")
 
 FINAL_DIR = "final"
 LOSS_CURVE = "loss_curve.png"
-# Sampling defaults shipped in final/generation_config.json, so `pipeline("text-generation")` samples sensibly.
 COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper holds the model as `_orig_mod`
+# Sampling defaults shipped in final/generation_config.json, so `pipeline("text-generation")` samples sensibly.
 GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50, max_new_tokens=100)
 
 
