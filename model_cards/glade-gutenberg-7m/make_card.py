@@ -5,7 +5,6 @@ with the data, hardware and baseline comparison that only this recipe knows.
 """
 
 import argparse
-import json
 import platform
 import shutil
 from pathlib import Path
