@@ -23,14 +23,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, is_bf16_available, set_seed
+from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
 from glade import GladeConfig, GladeForCausalLM  # importing glade registers it with the Auto classes
 
 from glade.atomic import atomic_directory, check_writable_directory
+from . import distributed
 from .checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -235,18 +237,14 @@ def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    precision = args.mixed_precision
-    if precision == "bf16" and not is_bf16_available():
-        logger.warning("bf16 is not supported on this device: training in fp32")
-        precision = "no"
     extra: dict[str, Any] = {}
     if args.compile:
         extra["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor")
     if args.report_to != "none":
         extra["log_with"] = args.report_to
     # The scheduler steps once per optimizer step, whatever the number of processes.
-    accelerator = Accelerator(
-        mixed_precision=precision, step_scheduler_with_optimizer=False, project_dir=args.output_dir, **extra
+    accelerator = distributed.make_accelerator(
+        args.mixed_precision, step_scheduler_with_optimizer=False, project_dir=args.output_dir, **extra
     )
     if args.report_to != "none" and not accelerator.log_with:
         raise ValueError(f"--report-to {args.report_to}: no such tracker is installed (e.g. pip install tensorboard)")
@@ -256,13 +254,6 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         f"device {accelerator.device}, precision {compute}"
     )
     return accelerator
-
-
-def can_fuse_optimizer(accelerator: Accelerator) -> bool:
-    # Fused AdamW kernels exist for plain CPU and CUDA tensors; FSDP's sharded DTensors and DeepSpeed's own
-    # optimizer wrapper take torch's default (foreach) path instead.
-    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    return plain and accelerator.device.type in ("cpu", "cuda")
 
 
 @dataclass
@@ -446,7 +437,7 @@ def export_final(
     records = metrics.records()
     loss_curve = plot_loss_curve(records, Path(args.output_dir) / LOSS_CURVE) if records else None
     with atomic_directory(final) as staging:
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        unwrapped = unsharded_twin(accelerator.unwrap_model(model, keep_torch_compile=False))
         config = unwrapped.config
         unwrapped.generation_config = GenerationConfig(
             **GENERATION_DEFAULTS,
@@ -461,6 +452,18 @@ def export_final(
         write_card(staging, args, source, loss_curve)
     accelerator.print(f"saved {final}")
     return final
+
+
+def unsharded_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A model whose class save_pretrained may record: FSDP2 swaps a sharded model's class for a generated
+    subclass (`FSDPGladeForCausalLM`, defined in torch's `_fsdp_init`), which transformers would write into
+    `auto_map` and copy as remote code. The twin is built on the meta device: its weights come from the gathered
+    state dict."""
+    if not isinstance(model, FSDPModule):
+        return model
+    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        return model_class(model.config)
 
 
 def write_card(model_dir: Path, args: argparse.Namespace, source: TextSource, loss_curve: Path | None) -> None:
@@ -504,7 +507,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     data = prepare_data(args, sources, tokenizer, accelerator)
     model = build_model(args, config)
     optimizer = make_optimizer(
-        model, args.lr, args.weight_decay, (args.beta1, args.beta2), fused=can_fuse_optimizer(accelerator)
+        model, args.lr, args.weight_decay, (args.beta1, args.beta2), fused=distributed.can_fuse_optimizer(accelerator)
     )
     scheduler = make_scheduler(optimizer, args.warmup_steps, args.max_steps, args.min_lr)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -1,0 +1,61 @@
+"""The Accelerator a run trains with: plain, DDP, FSDP2 or DeepSpeed, on GPUs or on CPU processes over gloo.
+
+accelerate 1.x turns an FSDP launch into FSDP only on accelerator devices: on a CPU-only machine (or with
+`use_cpu: true`) every process of `accelerate launch --config_file fsdp.yaml` comes up as an independent
+single-process run, so all of them train alone and race to write the same files. torch's FSDP2 (`fully_shard`)
+itself runs on CPU tensors over gloo, so Glade starts such a launch as a CPU process group (gloo) and then
+hands accelerate the FSDP plugin it would have built on GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, is_bf16_available
+from accelerate.utils.environment import parse_flag_from_env
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_fsdp_requested() -> bool:
+    """An FSDP launch of several processes that will run on CPUs (no accelerator here, or `use_cpu`)."""
+    return (
+        parse_flag_from_env("ACCELERATE_USE_FSDP")
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and (parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
+    )
+
+
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
+    """An Accelerator for this launch; under an FSDP launch on CPUs, an FSDP2 one over gloo."""
+    if mixed_precision == "bf16" and not is_bf16_available():
+        logger.warning("bf16 is not supported on this device: training in fp32")
+        mixed_precision = "no"
+    if not cpu_fsdp_requested():
+        return Accelerator(mixed_precision=mixed_precision, **kwargs)
+    # Read the FSDP_* settings before the Accelerator exists: they describe what the launch asked for.
+    plugin = FullyShardedDataParallelPlugin()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True, **kwargs)
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise RuntimeError(
+            f"FSDP on CPU: expected a gloo process group, accelerate set up {accelerator.distributed_type.value}"
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+def can_fuse_optimizer(accelerator: Accelerator) -> bool:
+    # Fused AdamW kernels exist for plain CPU and CUDA tensors; FSDP's sharded DTensors and DeepSpeed's own
+    # optimizer wrapper take torch's default (foreach) path instead.
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    return plain and accelerator.device.type in ("cpu", "cuda")
