@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, is_bf16_available
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, is_bf16_available
 from accelerate.utils.environment import parse_flag_from_env
 
 logger = logging.getLogger(__name__)
@@ -31,11 +31,22 @@ def cpu_fsdp_requested() -> bool:
     )
 
 
+def cpu_deepspeed_requested() -> bool:
+    return (
+        parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and not torch.accelerator.is_available()
+    )
+
+
 def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
     """An Accelerator for this launch; under an FSDP launch on CPUs, an FSDP2 one over gloo."""
     if mixed_precision == "bf16" and not is_bf16_available():
         logger.warning("bf16 is not supported on this device: training in fp32")
         mixed_precision = "no"
+    if cpu_deepspeed_requested():
+        # DeepSpeed's CPU accelerator talks over gloo; accelerate would ask for its GPU default (nccl).
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if not cpu_fsdp_requested():
         return Accelerator(mixed_precision=mixed_precision, **kwargs)
     # Read the FSDP_* settings before the Accelerator exists: they describe what the launch asked for.

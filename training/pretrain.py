@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
@@ -437,7 +437,10 @@ def export_final(
     records = metrics.records()
     loss_curve = plot_loss_curve(records, Path(args.output_dir) / LOSS_CURVE) if records else None
     with atomic_directory(final) as staging:
-        unwrapped = unsharded_twin(accelerator.unwrap_model(model, keep_torch_compile=False))
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if isinstance(unwrapped, FSDPModule):
+            unwrapped = unsharded_twin(unwrapped)
+        alias_tied_weights(state_dict, unwrapped)
         config = unwrapped.config
         unwrapped.generation_config = GenerationConfig(
             **GENERATION_DEFAULTS,
@@ -454,16 +457,24 @@ def export_final(
     return final
 
 
-def unsharded_twin(model: torch.nn.Module) -> torch.nn.Module:
+def unsharded_twin(model: FSDPModule) -> torch.nn.Module:
     """A model whose class save_pretrained may record: FSDP2 swaps a sharded model's class for a generated
     subclass (`FSDPGladeForCausalLM`, defined in torch's `_fsdp_init`), which transformers would write into
     `auto_map` and copy as remote code. The twin is built on the meta device: its weights come from the gathered
     state dict."""
-    if not isinstance(model, FSDPModule):
-        return model
     model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
     with torch.device("meta"):
         return model_class(model.config)
+
+
+def alias_tied_weights(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """FSDP and DeepSpeed gather a tied parameter once per name, as separate tensors; save_pretrained recognises
+    ties by shared storage, so point every tied name at one tensor (saved once, as from an unsharded model)."""
+    first_name: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied_to = first_name.setdefault(id(parameter), name)
+        if tied_to != name:
+            state_dict[name] = state_dict[tied_to]
 
 
 def write_card(model_dir: Path, args: argparse.Namespace, source: TextSource, loss_curve: Path | None) -> None:
@@ -510,6 +521,12 @@ def pretrain(args: argparse.Namespace) -> Path:
         model, args.lr, args.weight_decay, (args.beta1, args.beta2), fused=distributed.can_fuse_optimizer(accelerator)
     )
     scheduler = make_scheduler(optimizer, args.warmup_steps, args.max_steps, args.min_lr)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.grad_accum != 1:
+            raise ValueError("--grad-accum must be 1 under DeepSpeed, which accumulates in its engine: set "
+                             "gradient_accumulation_steps in the DeepSpeed config instead")
+        # DeepSpeed sizes its engine from a prepared DataLoader; Glade's loaders are built per step and rank.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     set_seed(args.seed, device_specific=True)  # different dropout masks on different ranks
 

@@ -1,13 +1,20 @@
+import importlib.util
 import json
+import random
+import re
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from glade import GladeForCausalLM
 from glade.cli import main as glade_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "accelerate_configs"
@@ -28,10 +35,15 @@ def blocks_per_step(samples_file) -> dict[int, list[int]]:
     return {r["step"]: [i for micro in r["blocks"] for i in micro] for r in read_jsonl(samples_file)}
 
 
+def launch_command(launch_args: list[str], options: dict, argv, script: Path | None = None) -> list[str]:
+    target = [str(script)] if script else ["-m", "glade.training.pretrain"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port",
+            str(free_port()), *target, *argv(options)]
+
+
 def accelerate_launch(launch_args: list[str], options: dict, argv, env: dict) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port",
-               str(free_port()), "-m", "glade.training.pretrain", *argv(options)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(launch_command(launch_args, options, argv), env=env, capture_output=True, text=True,
+                            timeout=400)
     if result.returncode != 0:
         raise AssertionError(f"accelerate launch failed ({result.returncode}):\n{result.stderr[-5000:]}")
     return result
@@ -61,20 +73,70 @@ def single_process_run(base_options, argv, fresh_accelerate, tmp_path):
     return options["output_dir"]
 
 
-def test_ddp_over_two_cpu_processes_shards_the_data_and_matches_one_process(
-    base_options, argv, training_env, single_process_run, tmp_path
+# Two CPU processes over gloo. `accelerate launch --cpu` starts a single process unless mpirun is configured; a
+# torchrun-style launch with ACCELERATE_USE_CPU gives DDP, and the shipped fsdp_cpu.yaml gives FSDP2.
+DDP = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+       "--dynamo_backend", "no"]
+FSDP = ["--config_file", str(CONFIGS / "fsdp_cpu.yaml")]
+# DeepSpeed is not a dependency: `pip install deepspeed` (its CPU accelerator, gloo) runs these rows too.
+DEEPSPEED = ["--config_file", str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+LAUNCHERS = {
+    "ddp": (DDP, "MULTI_CPU"),
+    "fsdp": (FSDP, "FSDP"),
+    "fsdp-no-reshard": ([*FSDP, "--fsdp_reshard_after_forward", "false"], "FSDP"),
+    "deepspeed-zero2": (DEEPSPEED, "DEEPSPEED"),
+}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+def launchers(*names: str) -> list:
+    return [pytest.param(name, marks=needs_deepspeed) if name.startswith("deepspeed") else name for name in names]
+
+
+def launch_env(launcher: str, training_env: dict) -> dict:
+    return {**training_env, "ACCELERATE_USE_CPU": "true"} if launcher == "ddp" else training_env
+
+
+def gathered_checkpoint_weights(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The full model weights a checkpoint holds: one file under DDP, merged from the rank shards under FSDP."""
+    if (checkpoint / "model.safetensors").is_file():
+        return load_file(checkpoint / "model.safetensors")
+    if (checkpoint / "pytorch_model").is_dir():  # DeepSpeed's ZeRO partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return {name: tensor.contiguous() for name, tensor in
+                get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model").items()}
+    shards = checkpoint / "pytorch_model_fsdp_0"
+    from accelerate.utils import merge_fsdp_weights
+
+    merge_fsdp_weights(str(shards), str(tmp_path / "merged"))
+    return load_file(tmp_path / "merged" / "model.safetensors")
+
+
+def check_single_export(output: Path, stdout: str, stderr: str, distributed_type: str) -> None:
+    """One process wrote the shared files and printed the progress; no staging directory is left behind."""
+    assert stdout.count("glade pretrain: 2 process(es)") == 1
+    assert f"2 process(es), {distributed_type}" in stdout
+    assert stdout.count("saved ") == 1 and len(re.findall(r"\| 0/\d+ \[[^]]*step/s\]", stderr)) == 1  # one step bar
+    assert not [p.name for p in output.iterdir() if p.name.startswith(".")]
+    final = output / "final"
+    assert {p.name for p in final.iterdir()} == {
+        "README.md", "config.json", "configuration_glade.py", "generation_config.json", "loss_curve.png",
+        "metrics.jsonl", "model.safetensors", "modeling_glade.py", "tokenizer.json", "tokenizer_config.json"}
+    auto_map = json.loads((final / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_glade.GladeForCausalLM"
+
+
+@pytest.mark.parametrize("launcher", launchers(*LAUNCHERS))
+def test_two_cpu_processes_shard_the_data_match_one_process_and_export_once(
+    launcher, base_options, argv, training_env, single_process_run, tmp_path
 ):
-    # `accelerate launch --cpu` starts a single process unless mpirun is configured; a torchrun-style launch with
-    # ACCELERATE_USE_CPU gives two CPU processes talking over gloo.
-    output = tmp_path / "ddp"
+    launch_args, distributed_type = LAUNCHERS[launcher]
+    output = tmp_path / launcher
     options = {**base_options, "max_steps": STEPS, "batch_size": 2, "record_samples": True, "output_dir": output,
-               "save_every": STEPS}
-    result = accelerate_launch(
-        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no"],
-        options, argv, {**training_env, "ACCELERATE_USE_CPU": "true"},
-    )
-    assert "2 process(es), MULTI_CPU" in result.stdout
+               "save_every": STEPS // 2, "keep_last": 0}
+    result = accelerate_launch(launch_args, options, argv, launch_env(launcher, training_env))
+    check_single_export(output, result.stdout, result.stderr, distributed_type)
 
     ranks = [blocks_per_step(output / "samples" / f"rank-{rank}.jsonl") for rank in (0, 1)]
     single = blocks_per_step(single_process_run / "samples" / "rank-0.jsonl")
@@ -83,9 +145,79 @@ def test_ddp_over_two_cpu_processes_shards_the_data_and_matches_one_process(
         assert len(ranks[0][step]) == len(ranks[1][step]) == 2
         assert not set(ranks[0][step]) & set(ranks[1][step])  # disjoint shards
         assert sorted(ranks[0][step] + ranks[1][step]) == sorted(single[step])  # together: the same global batch
-    assert {p.name for p in (output / f"checkpoint-{STEPS}").glob("random_states_*")} == {
+    checkpoint = output / f"checkpoint-{STEPS}"
+    assert {p.name for p in checkpoint.glob("random_states_*")} == {
         "random_states_0.pkl", "random_states_1.pkl"}  # every rank's RNG is checkpointed
+    if distributed_type == "FSDP":  # each rank wrote its own shard of the model and of the optimizer state
+        assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+        assert len(list((checkpoint / "optimizer_0").glob("*.distcp"))) == 2
     compare_with_single_process(output, single_process_run, tolerance=1e-4)
+
+    # final/ is exactly the gathered parameters of the last step, and loads as a plain Glade model.
+    # The tied head is saved once, as its embedding (the sharded checkpoint keeps both names).
+    exported = load_file(output / "final" / "model.safetensors")
+    gathered = gathered_checkpoint_weights(checkpoint, tmp_path)
+    gathered.setdefault("lm_head.weight", gathered["transformer.wte.weight"])
+    assert set(gathered) - set(exported) == {"lm_head.weight"}
+    model = AutoModelForCausalLM.from_pretrained(output / "final")
+    assert type(model) is GladeForCausalLM and model.lm_head.weight is model.transformer.wte.weight
+    assert model.state_dict().keys() == gathered.keys()
+    for name, tensor in model.state_dict().items():
+        assert tensor.equal(gathered[name]), name
+
+
+# `glade pretrain` that SIGKILLs its whole launch (the launcher and every rank) once the main process has logged a
+# given step: a kill at a known point, which polling from outside cannot promise when steps take milliseconds.
+KILL_AFTER_STEP = textwrap.dedent(
+    """
+    import os, signal, sys
+    from glade.training import metrics
+    kill_after = int(os.environ["KILL_AFTER_STEP"])
+    log = metrics.MetricsLog.log
+    def log_then_die(self, record):
+        log(self, record)
+        if record["step"] == kill_after and "train_loss" in record:
+            os.kill(os.getppid(), signal.SIGKILL)  # the launcher (torchrun's agent)
+            # The ranks: the agent starts them in a process group of their own (never the test's).
+            os.killpg(0, signal.SIGKILL) if os.getpgid(0) != os.getpgid(os.getppid()) else os.kill(os.getpid(), 9)
+    metrics.MetricsLog.log = log_then_die
+    from glade.training.pretrain import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize("launcher", launchers("ddp", "fsdp", "deepspeed-zero2"))
+def test_a_killed_two_process_run_resumes_to_the_same_weights(launcher, base_options, argv, training_env, tmp_path):
+    launch_args, _ = LAUNCHERS[launcher]
+    env = launch_env(launcher, training_env)
+    n = 4  # steps per checkpoint; runs go to 3n
+    options = {**base_options, "max_steps": 3 * n, "batch_size": 2, "save_every": n, "keep_last": 0,
+               "dropout": 0.1}  # dropout on: the resumed run must restore every rank's RNG to match
+    straight = tmp_path / "straight"
+    accelerate_launch(launch_args, {**options, "output_dir": straight}, argv, env)
+
+    interrupted = tmp_path / "interrupted"
+    kill_after = random.randint(n + 1, 2 * n)
+    print(f"killing the launch once step {kill_after} is logged")  # shown on failure, to reproduce
+    script = tmp_path / "pretrain_then_die.py"
+    script.write_text(KILL_AFTER_STEP)
+    killed = subprocess.run(launch_command(launch_args, {**options, "output_dir": interrupted}, argv, script),
+                            env={**env, "KILL_AFTER_STEP": str(kill_after)}, capture_output=True, text=True,
+                            timeout=400)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (interrupted / f"checkpoint-{n}" / "COMPLETE").exists() and not (interrupted / "final").exists()
+
+    result = accelerate_launch(launch_args, {**options, "output_dir": interrupted, "resume": "latest"}, argv, env)
+    resumed_at = n if kill_after < 2 * n else 2 * n
+    assert f"checkpoint-{resumed_at} at step {resumed_at}" in result.stdout
+    losses = [{r["step"]: r["train_loss"] for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r}
+              for run in (straight, interrupted)]
+    assert losses[1] == losses[0] and list(losses[0]) == list(range(1, 3 * n + 1))
+    first, second = (load_file(run / "final" / "model.safetensors") for run in (straight, interrupted))
+    assert first.keys() == second.keys()
+    for name in first:  # one thread per process and gloo's fixed reduction order: bit for bit
+        assert first[name].equal(second[name]), name
 
 
 def test_the_fsdp_config_wraps_each_glade_block_and_keeps_the_tied_embedding_in_the_root(monkeypatch):
@@ -113,17 +245,17 @@ def test_the_fsdp_config_wraps_each_glade_block_and_keeps_the_tied_embedding_in_
     assert model.lm_head.weight is model.transformer.wte.weight  # one parameter, in the root unit
 
 
-@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml"])
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "fsdp_cpu.yaml", "deepspeed_zero2.yaml"])
 def test_accelerate_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(CONFIGS / name))
-    assert config.distributed_type.value == {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP",
+    assert config.distributed_type.value == {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "fsdp_cpu.yaml": "FSDP",
                                              "deepspeed_zero2.yaml": "DEEPSPEED"}[name]
-    assert config.mixed_precision == "bf16"
+    assert config.mixed_precision == ("no" if name == "fsdp_cpu.yaml" else "bf16")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate runs FSDP on GPUs only; needs 2 CUDA devices")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP on GPUs (NCCL) needs 2 CUDA devices")
 def test_fsdp_on_two_gpus_matches_one_process_and_resumes_from_sharded_checkpoints(
     base_options, argv, training_env, tmp_path
 ):
