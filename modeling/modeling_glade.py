@@ -220,6 +220,8 @@ class GladeAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # Rows of the fused weight that are separate matrices (q | k | v), for optimizers that treat each alone.
+        self.c_attn.fused_output_sizes = (config.n_embd, config.n_embd, config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.resid_pdrop)

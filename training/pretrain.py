@@ -11,6 +11,7 @@ and the export (sharded checkpoints are written by every rank through `accelerat
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -551,6 +552,13 @@ def pretrain(args: argparse.Namespace) -> Path:
     final = export_final(accelerator, model, tokenizer, args, metrics, sources[0])
     if args.push_to_hub and accelerator.is_main_process:
         push(final, args)
+    # Free the DDP/FSDP wrappers while the process group is still alive. If DDP's reducer held the last reference
+    # to the gloo process group, its destructor would wait for gloo's worker threads with the GIL held while one of
+    # them needs the GIL to release a tensor: a hang at exit (pytorch/pytorch#56297). destroy_process_group, in
+    # end_training, releases the GIL first.
+    del model, optimizer, scheduler
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     return final
 
