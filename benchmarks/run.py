@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -28,6 +29,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from transformers.utils import logging  # noqa: E402
+
+from glade.kernels_glade import BLOCK_ATTENTION  # noqa: E402
 
 from models import (  # noqa: E402
     QUICK_SHAPES,
@@ -119,6 +122,15 @@ def maybe_compiled(variant: str, model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model) if variant.endswith("+compile") else model
 
 
+def with_compiled_glade(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """Compiled Glade runs whole sequences with the `glade_block` attention implementation, which beat sdpa's CPU
+    flash kernel under inductor (docs/benchmarks.md). It gets its own copy of the weights so that eager Glade keeps
+    sdpa."""
+    compiled_glade = copy.deepcopy(models["glade"])
+    compiled_glade.set_attn_implementation(BLOCK_ATTENTION)
+    return {**models, "glade+compile": compiled_glade}
+
+
 def matmul_peaks(settings: Settings) -> dict[str, float]:
     """bf16 and fp32 matmul TFLOP/s on this machine, now: the denominators of MFU."""
     return {name: matmul_peak_flops(dtype, settings.peak_size, repeats=10) / 1e12 for name, dtype in DTYPES.items()}
@@ -126,7 +138,7 @@ def matmul_peaks(settings: Settings) -> dict[str, float]:
 
 def train_rows(shape_name: str, settings: Settings) -> list[Row]:
     shape = settings.shapes[shape_name]
-    models = build_models(shape)
+    models = with_compiled_glade(build_models(shape))
     optimizers = {name: make_optimizer(model) for name, model in models.items()}
     batch = make_batch(shape)
     rows = []
@@ -134,9 +146,9 @@ def train_rows(shape_name: str, settings: Settings) -> list[Row]:
         variants = settings.variants(TRAIN_VARIANTS[shape_name, dtype_name])
         calls = {}
         for variant in variants:
-            base = variant.removesuffix("+compile")
+            name = variant if variant in models else variant.removesuffix("+compile")
             calls[variant] = partial(
-                training_step, maybe_compiled(variant, models[base]), optimizers[base], batch, dtype
+                training_step, maybe_compiled(variant, models[name]), optimizers[name], batch, dtype
             )
         name = f"train-{shape_name}-{dtype_name}"
         repeats = settings.repeats.get(name, settings.repeats[f"train-{shape_name}"])
@@ -190,10 +202,11 @@ def generate_rows(settings: Settings) -> list[Row]:
 
 def prefill_rows(settings: Settings) -> list[Row]:
     shape = settings.shapes["small"]
-    models = {name: model.eval() for name, model in build_models(shape).items()}
+    models = {name: model.eval() for name, model in with_compiled_glade(build_models(shape)).items()}
     prompt = torch.randint(0, shape.vocab_size, (1, settings.prefill_tokens))
     variants = settings.variants(COLUMNS)
-    calls = {v: partial(prefill, maybe_compiled(v, models[v.removesuffix("+compile")]), prompt) for v in variants}
+    calls = {v: partial(prefill, maybe_compiled(v, models.get(v, models[v.removesuffix("+compile")])), prompt)
+             for v in variants}
     with torch.no_grad():
         samples = alternate(calls, settings.warmup, settings.repeats["prefill"], "prefill")
     return [

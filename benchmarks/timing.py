@@ -11,6 +11,8 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from glade.hardware import cpu_name, cpuinfo_field
+
 
 @dataclass
 class Samples:
@@ -58,33 +60,15 @@ def matmul_peak_flops(dtype: torch.dtype, size: int, repeats: int) -> float:
     return 2 * size**3 / best
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> list[str]:
     """The instruction sets that decide bf16 matmul speed on x86."""
     wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return sorted(wanted & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return []
+    return sorted(wanted & set((cpuinfo_field("flags") or "").split()))
 
 
 def machine_info() -> dict:
     return {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),

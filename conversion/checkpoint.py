@@ -9,6 +9,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntry
 from transformers import AutoTokenizer, PreTrainedModel
 
 from glade.atomic import atomic_directory
+from glade.checkpoints import local_directory
 
 from .io import WEIGHT_FILES, copy_tokenizer_files
 from .parity import ParityReport, compare_models, parity_batch, write_parity_report
@@ -30,14 +31,8 @@ class Conversion:
 
 def resolve_source(source: str | Path) -> Path:
     """A local checkpoint directory, or a hub id (`openai-community/gpt2`) downloaded with `snapshot_download`."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; expected a checkpoint directory or a hub id")
-    looks_local = path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1
-    if looks_local:
-        raise FileNotFoundError(f"Checkpoint directory {source} not found")
+    if (directory := local_directory(source)) is not None:
+        return directory
     try:
         directory = Path(snapshot_download(repo_id=str(source), allow_patterns=_HUB_METADATA + _HUB_SAFETENSORS))
         if not any((directory / name).is_file() for name in WEIGHT_FILES):

@@ -9,8 +9,8 @@ from .nanogpt import convert_nanogpt
 PARITY_FAILED_EXIT_CODE = 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    convert = subparsers.add_parser("convert", help="import GPT-2 or nanoGPT weights as a Glade checkpoint")
+def add_convert_arguments(convert: argparse.ArgumentParser) -> None:
+    """`glade convert FORMAT ...`."""
     sources = convert.add_subparsers(dest="format", required=True, metavar="FORMAT")
 
     gpt2 = sources.add_parser("gpt2", help="a Hugging Face GPT2LMHeadModel folder or hub id")
@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_overwrite_option(nanogpt)
     nanogpt.set_defaults(func=_run_convert_nanogpt)
 
-    export = subparsers.add_parser("export", help="export a Glade checkpoint in another format")
+
+def add_export_arguments(export: argparse.ArgumentParser) -> None:
+    """`glade export FORMAT ...`."""
     targets = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
     export_gpt2_parser = targets.add_parser("gpt2", help="a plain GPT2LMHeadModel folder (no custom code)")
     export_gpt2_parser.add_argument("source", help="Glade checkpoint folder or hub id")

@@ -6,9 +6,10 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from glade import GladeConfig, GladeForCausalLM
+from glade.checkpoints import CONFIG_NAME, read_config_file, read_json, require_model_type
 
 from .checkpoint import Conversion, resolve_source, save_conversion
-from .io import load_state_dict_files, read_json
+from .io import load_state_dict_files
 from .state_dict import glade_to_gpt2, gpt2_to_glade, model_from_state_dict
 
 # GPT-2 activation names -> Glade's. gelu_pytorch_tanh is the same tanh approximation as gelu_new.
@@ -61,6 +62,10 @@ def glade_config_from_gpt2(config: GPT2Config) -> GladeConfig:
     )
 
 
+# GladeConfig's modern options, at the values that leave a model GPT-2 (n_kv_head: checked against n_head below).
+GPT2_ONLY = {"positions": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": None}
+
+
 def gpt2_config_from_glade(config: GladeConfig) -> GPT2Config:
     """The stock GPT-2 config computing what `config` computes, or a ValueError naming what GPT-2 cannot express."""
     if not config.bias:
@@ -68,6 +73,14 @@ def gpt2_config_from_glade(config: GladeConfig) -> GPT2Config:
             "Glade config has bias=False, which GPT-2 cannot express: its Conv1D projections and LayerNorms "
             "always carry biases"
         )
+    modern = {name: getattr(config, name) for name, default in GPT2_ONLY.items() if getattr(config, name) != default}
+    if config.n_kv_head != config.n_head:
+        modern["n_kv_head"] = config.n_kv_head
+    if config.activation_function not in GPT2_TO_GLADE_ACTIVATION.values():
+        modern["activation_function"] = config.activation_function
+    if modern:
+        options = ", ".join(f"{name}={value!r}" for name, value in modern.items())
+        raise ValueError(f"Glade config uses {options}, which GPT-2 cannot express")
     return GPT2Config(
         **{name: getattr(config, name) for name in SHARED_FIELDS},
         activation_function=config.activation_function,
@@ -75,24 +88,15 @@ def gpt2_config_from_glade(config: GladeConfig) -> GPT2Config:
     )
 
 
-def read_config(directory: Path, model_type: str) -> dict:
-    """config.json of `directory`, checked to be of `model_type`."""
-    path = Path(directory) / "config.json"
-    config = read_json(path)
-    if config.get("model_type") != model_type:
-        raise ValueError(
-            f"{path} is not a {model_type} config "
-            f"(model_type={config.get('model_type')!r}, expected {model_type!r})"
-        )
-    return config
-
-
 def read_gpt2_config(directory: Path) -> GPT2Config:
-    """The GPT2Config of `directory`, with wrongly typed fields reported as a ValueError."""
+    """The GPT2Config of `directory`, with another model_type or wrongly typed fields reported as a ValueError."""
+    path = Path(directory) / CONFIG_NAME
+    fields = read_json(path)
+    require_model_type(fields.get("model_type"), GPT2Config.model_type, path)
     try:
-        return GPT2Config.from_dict(read_config(directory, "gpt2"))
+        return GPT2Config.from_dict(fields)
     except StrictDataclassError as error:  # a field of the wrong type; not a ValueError subclass
-        raise ValueError(f"{Path(directory) / 'config.json'}: {error}") from error
+        raise ValueError(f"{path}: {error}") from error
 
 
 def load_gpt2_as_glade(directory: Path) -> GladeForCausalLM:
@@ -104,7 +108,7 @@ def load_gpt2_as_glade(directory: Path) -> GladeForCausalLM:
 
 def load_glade_as_gpt2(directory: Path) -> GPT2LMHeadModel:
     """A Glade checkpoint folder as an in-memory stock GPT-2 model."""
-    config = GladeConfig.from_dict(read_config(directory, "glade"))
+    config = read_config_file(Path(directory) / CONFIG_NAME)
     state_dict = glade_to_gpt2(load_state_dict_files(directory), config)
     model = model_from_state_dict(GPT2LMHeadModel, gpt2_config_from_glade(config), state_dict)
     return _with_generation_config(model, directory)

@@ -1,6 +1,5 @@
 """The file side of conversion: reading weight files and copying tokenizer files."""
 
-import json
 import pickle
 import shutil
 from pathlib import Path
@@ -9,6 +8,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+
+from glade.checkpoints import read_json
 
 # In order of preference: a folder holding both formats is read from safetensors.
 WEIGHT_FILES = (
@@ -25,15 +26,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def load_state_dict_files(directory: Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from glade import GladeConfig, GladeForCausalLM
+from glade.checkpoints import COMPILED_PREFIX, check_tensors
 
 StateDict = dict[str, torch.Tensor]
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -23,7 +24,6 @@ EMBEDDING_KEY = "transformer.wte.weight"
 HEAD_KEY = "lm_head.weight"
 # Weights stored transposed by GPT-2's Conv1D (relative to each block, `transformer.h.N.`).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-COMPILE_PREFIX = "_orig_mod."
 _CONV1D_KEY = re.compile(r"transformer\.h\.\d+\.(" + "|".join(re.escape(name) for name in CONV1D_WEIGHTS) + ")")
 # Causal-mask buffers (not parameters): Glade builds its masks on the fly.
 _MASK_BUFFER_KEY = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
@@ -33,7 +33,7 @@ def normalize_keys(state_dict: StateDict) -> StateDict:
     """Canonical `transformer.`-prefixed keys, without compile prefixes or causal-mask buffers."""
     normalized = {}
     for key, tensor in state_dict.items():
-        key = key.removeprefix(COMPILE_PREFIX)
+        key = key.removeprefix(COMPILED_PREFIX)
         if not key.startswith((BASE_PREFIX, "lm_head.")):
             key = BASE_PREFIX + key
         if _MASK_BUFFER_KEY.fullmatch(key):
@@ -85,19 +85,16 @@ def glade_shapes(config: GladeConfig) -> dict[str, torch.Size]:
 def check_glade_state_dict(state_dict: StateDict, config: GladeConfig) -> None:
     """Raise a ValueError listing every missing, unexpected and wrongly shaped tensor."""
     expected = glade_shapes(config)
-    problems = []
-    if missing := sorted(expected.keys() - state_dict.keys()):
-        problems.append(f"missing {', '.join(missing)}")
-    if unexpected := sorted(state_dict.keys() - expected.keys()):
-        problems.append(f"unexpected {', '.join(unexpected)}")
-    for key in sorted(expected.keys() & state_dict.keys()):
-        if state_dict[key].shape != expected[key]:
-            problems.append(
-                f"{key} has shape {list(state_dict[key].shape)} (in Glade's [out, in] layout), "
-                f"the config needs {list(expected[key])}"
-            )
-    if problems:
-        raise ValueError("Checkpoint does not match its config: " + "; ".join(problems))
+    check_tensors(
+        "Checkpoint (shapes in Glade's [out, in] layout)",
+        missing=expected.keys() - state_dict.keys(),
+        unexpected=state_dict.keys() - expected.keys(),
+        wrong_shapes=[
+            (key, state_dict[key].shape, expected[key])
+            for key in expected.keys() & state_dict.keys()
+            if state_dict[key].shape != expected[key]
+        ],
+    )
 
 
 def gpt2_to_glade(state_dict: StateDict, config: GladeConfig) -> StateDict:

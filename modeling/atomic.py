@@ -13,8 +13,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # only for the annotation: importing matplotlib takes a while, and conversion never plots
+    from matplotlib.figure import Figure
 
 
 def write_bytes_atomically(path: str | Path, data: bytes) -> None:
@@ -77,6 +79,9 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     try:
         yield staging
         os.chmod(staging, 0o755)
+        # Some writers (safetensors through transformers' save) create 0600 files; a saved model is for everyone.
+        for path in staging.rglob("*"):
+            path.chmod(path.stat().st_mode | (0o055 if path.is_dir() else 0o044))
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,38 +1,16 @@
 """`glade generate`: sample text from a Glade checkpoint through `pipeline("text-generation")`."""
 
 import argparse
-from fnmatch import fnmatch
-from importlib.resources import files
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, pipeline
+from transformers import Pipeline, pipeline
 
-from .tiny import byte_level_tokenizer, tiny_model
+from .checkpoints import add_model_argument, default_model, load_model_and_tokenizer
 
-# Pretrained checkpoints ship as package data in model_cards/ (glade.model_cards); used when no model is named.
-SHIPPED_MODEL_PATTERN = "glade-*"
-TINY_RANDOM = "tiny-random"
 DEFAULT_MAX_NEW_TOKENS = 50
 
 
-def default_model() -> str:
-    """The newest shipped pretrained checkpoint, or the tiny random demo model when none ships."""
-    shipped = sorted(
-        Path(str(entry)) for entry in files("glade.model_cards").iterdir()
-        if fnmatch(entry.name, SHIPPED_MODEL_PATTERN) and entry.joinpath("config.json").is_file()
-    )
-    return str(shipped[-1]) if shipped else TINY_RANDOM
-
-
-def load_model_and_tokenizer(model: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM and tokenizer of a checkpoint directory, a hub id, or `tiny-random`."""
-    if model == TINY_RANDOM:
-        return tiny_model(), byte_level_tokenizer()
-    return AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model)
-
-
-def load_generator(model: str, device: str | None = None):
+def load_generator(model: str, device: str | None = None) -> Pipeline:
     """A text-generation pipeline for a checkpoint directory, a hub id, or `tiny-random`."""
     lm, tokenizer = load_model_and_tokenizer(model)
     if tokenizer.pad_token is None:
@@ -76,10 +54,10 @@ def generate(
     return [result[0]["generated_text"] for result in results]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="continue a prompt with a Glade model")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`glade generate`."""
     parser.add_argument("prompt", nargs="+", help="one or more prompts (batched together)")
-    parser.add_argument("--model", default=None, help=f"checkpoint dir or hub id (default: shipped model, else {TINY_RANDOM})")
+    add_model_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"default: the model's generation config, else {DEFAULT_MAX_NEW_TOKENS}")
     parser.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")

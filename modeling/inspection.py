@@ -23,9 +23,8 @@ from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizerBase
 
 from .atomic import save_figure
-from .generate import TINY_RANDOM, default_model, load_model_and_tokenizer
+from .checkpoints import add_model_argument, default_model, load_model_and_tokenizer, read_glade_config
 from .modeling_glade import GladeForCausalLM
-from .param_count import checkpoint_config
 
 # Tokens carry their whitespace (GPT-2's "Ġking" is " king"); these make it visible in tables and pictures.
 VISIBLE_WHITESPACE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥"})
@@ -94,8 +93,7 @@ class EmbeddingQuery:
 def load_glade(model: str | None = None) -> tuple[GladeForCausalLM, PreTrainedTokenizerBase]:
     """A Glade checkpoint dir, hub id or `tiny-random` (default: the shipped model), ready to inspect."""
     name = model or default_model()
-    # Reading the config first turns a missing directory or a non-Glade checkpoint into a clear error.
-    checkpoint_config(name)
+    read_glade_config(name)  # a non-Glade checkpoint is refused before its weights are loaded
     lm, tokenizer = load_model_and_tokenizer(name)
     _use_eager_attention(lm)
     return lm.eval(), tokenizer
@@ -209,7 +207,7 @@ def logit_lens(model: GladeForCausalLM, tokenizer: PreTrainedTokenizerBase, prom
         hidden_states = model(input_ids.to(model.device), output_hidden_states=True, use_cache=False).hidden_states
         # The model hands back its last state already through ln_f; the earlier ones are the raw residual stream.
         normed = [model.transformer.ln_f(state) for state in hidden_states[:-1]] + [hidden_states[-1]]
-        logits = model.lm_head(torch.cat(normed)).float()  # [n_layer + 1, positions, vocab]
+        logits = model.unembed(torch.cat(normed)).float()  # [n_layer + 1, positions, vocab]
     probabilities = torch.softmax(logits, dim=-1)
     top_ids = probabilities.argmax(dim=-1)
     predictions = [
@@ -427,17 +425,13 @@ def _finish(figure: Figure, out: str | Path | None) -> Figure:
     return figure
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    inspect = subparsers.add_parser(
-        "inspect", help="look inside a Glade model: next tokens, attention, logit lens, embeddings"
-    )
+def add_arguments(inspect: argparse.ArgumentParser) -> None:
+    """`glade inspect WHAT ...`."""
     commands = inspect.add_subparsers(dest="what", required=True, metavar="WHAT")
 
     def add(name: str, help: str, handler, picture: bool = True) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help)
-        parser.add_argument(
-            "--model", default=None, help=f"checkpoint dir or hub id (default: shipped model, else {TINY_RANDOM})"
-        )
+        add_model_argument(parser)
         if picture:
             parser.add_argument("--out", default=None, metavar="PATH.png", help="also save a picture here")
         parser.set_defaults(func=handler)

@@ -1,12 +1,14 @@
-"""Glade: the GPT-2 architecture as a transformers 5 model.
+"""Glade: the GPT-2 architecture as a transformers 5 model, with the options of modern GPTs.
 
-tokens -> token + position embeddings -> n_layer x [LayerNorm -> attention ("tokens talk") -> residual,
-LayerNorm -> MLP ("tokens think") -> residual] -> LayerNorm -> unembedding (tied to the embedding) -> logits.
+tokens -> token embeddings (+ learned positions) -> n_layer x [norm -> attention ("tokens talk") -> residual,
+norm -> MLP ("tokens think") -> residual] -> norm -> unembedding (tied to the embedding) -> logits.
 
-Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn`, ...), but projections are `nn.Linear`, so a GPT-2
-checkpoint (whose `Conv1D` stores weights as in x out) converts by transposing, never renaming.
+A default `GladeConfig` is GPT-2 exactly. Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn`, ...), but
+projections are `nn.Linear`, so a GPT-2 checkpoint (whose `Conv1D` stores weights as in x out) converts by
+transposing, never renaming. The options of modded-nanogpt and nanochat (rotary positions, RMSNorm, QK-norm, squared
+ReLU, SwiGLU, grouped-query attention, logit soft-capping, zero-initialised projections) are config fields.
 
-This file ships as Hub remote code: it imports only torch, transformers and its sibling config file.
+This file ships as Hub remote code: it imports only torch, transformers and its sibling files.
 """
 
 import math
@@ -30,6 +32,7 @@ from transformers.modeling_layers import (
     GradientCheckpointingLayer,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -38,156 +41,84 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_glade import GladeConfig
+from .kernels_glade import causal_lm_loss_from_hidden, repeat_kv
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": partial(F.gelu, approximate="tanh"),
     "gelu": F.gelu,
+    "relu2": relu_squared,
 }
 
 
-# Rows of logits per chunk of the fused loss: 8M fp32 values (32 MiB), small next to a full [tokens, vocab] tensor,
-# but at least 512 rows, because every chunk adds its weight gradient into a [vocab, n_embd] fp32 buffer (through an
-# fp32 temporary on CPU), passes over memory that must stay cheap next to the chunk's matmuls.
-LOSS_CHUNK_ELEMENTS = 2**23
-LOSS_CHUNK_MIN_ROWS = 512
+class GladeRMSNorm(nn.Module):
+    """x / rms(x) * gain, computed in fp32 (as Llama's RMSNorm, so Glade and Llama agree to the bit)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, never holding more than one chunk of logits.
+def make_norm(config: GladeConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return GladeRMSNorm(config.n_embd, eps=config.layer_norm_epsilon)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
 
-    The loss is a scalar, so its gradient is known up to the incoming scale while the chunk's logits are at hand: the
-    forward computes the gradients too (softmax minus one-hot), chunk by chunk, and backward only scales them. This
-    runs the same three matmuls as logits + `cross_entropy`, in the same dtype (the autocast dtype when autocast is
-    on), with fp32 softmax, but without the full logits, their fp32 copy, log-softmax output and logit gradient.
-    """
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, compute_dtype: torch.dtype):
-        wants_hidden_grad, wants_weight_grad = ctx.needs_input_grad[:2]
-        with torch.autocast(hidden.device.type, enabled=False):
-            hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
-            valid = targets != ignore_index
-            safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
-            loss = hidden.new_zeros((), dtype=torch.float32)
-            grad_hidden = torch.empty_like(hidden) if wants_hidden_grad else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight_grad else None
-            chunk = max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-            for start in range(0, hidden.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                logits = (hidden_c[rows] @ weight_c.T).float()
-                target_logits = logits.gather(1, safe_targets[rows]).squeeze(1)
-                max_logits = logits.amax(dim=-1, keepdim=True)
-                exp_logits = logits.sub_(max_logits).exp_()  # in place: one [rows, vocab] buffer serves throughout
-                sum_exp = exp_logits.sum(dim=-1)
-                loss += ((max_logits.squeeze(1) + sum_exp.log() - target_logits) * valid[rows]).sum()
-                if not (wants_hidden_grad or wants_weight_grad):
-                    continue
-                # d loss / d logits = softmax - one_hot(target), and zero on ignored rows.
-                grad_logits = exp_logits.mul_((valid[rows] / sum_exp).unsqueeze(1))
-                grad_logits.scatter_add_(1, safe_targets[rows], -valid[rows, None].float())
-                grad_logits = grad_logits.to(compute_dtype)
-                if wants_hidden_grad:
-                    grad_hidden[rows] = grad_logits @ weight_c
-                if wants_weight_grad:
-                    grad_weight += grad_logits.T @ hidden_c[rows]
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if wants_weight_grad else None)
-        return loss
+class GladeRotaryEmbedding(nn.Module):
+    """cos and sin of each position's rotation angles (RoPE), from transformers' `rope_parameters`."""
+
+    def __init__(self, config: GladeConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = config.n_positions
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+    def compute_default_rope_parameters(config: GladeConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        """One frequency per pair of a head's channels: theta^(-2i / head_dim)."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.n_embd // config.n_head
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
-def causal_lm_loss_from_hidden(
-    hidden_states: torch.Tensor,
-    head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """transformers' `ForCausalLMLoss` of the logits `hidden_states @ head_weight.T`, computed without them: the same
-    label shift, `ignore_index` and `num_items_in_batch` (sum / count) versus mean reduction."""
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    targets = shift_labels.reshape(-1).to(hidden_states.device)
-    device_type = hidden_states.device.type
-    compute_dtype = (
-        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head_weight.dtype
-    )
-    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
-    loss = LinearCrossEntropy.apply(hidden_states, head_weight, targets, ignore_index, compute_dtype)
-    if num_items_in_batch is None:
-        return loss / (targets != ignore_index).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
-# Queries per block of the compiled CPU attention: a block's fp32 scores stay cache-sized, and blocks skip most of
-# the masked upper triangle.
-ATTENTION_BLOCK = 128
-
-
-def causal_block_scores(query: torch.Tensor, key: torch.Tensor, start: int, scaling: float) -> torch.Tensor:
-    """fp32 attention scores of the queries at positions start.. against the keys 0..start+len(query), causal."""
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
-    rows = torch.arange(start, start + query.shape[-2], device=query.device).unsqueeze(1)
-    future = torch.arange(key.shape[-2], device=query.device).unsqueeze(0) > rows
-    return scores.masked_fill(future, float("-inf"))
-
-
-class BlockCausalAttention(torch.autograd.Function):
-    """softmax(q k^T * scaling + causal mask) v as explicit matmuls over blocks of queries, for torch.compile on CPU.
-
-    Like flash attention it keeps only the output and the log-sum-exp for backward, and recomputes the probabilities
-    there. Each block of queries meets only the keys up to its own last position. Inductor fuses the element-wise
-    softmax work around the matmuls, which makes this faster than torch's CPU flash kernel at short sequence lengths;
-    in eager mode those element-wise passes stay separate and the flash kernel is faster, so this is used only when
-    compiling. Matmuls run in the inputs' dtype and the softmax in fp32, as in `eager_attention_forward`.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, scaling: float):
-        output = torch.empty_like(query)
-        log_normalizers = []
-        for start in range(0, query.shape[-2], ATTENTION_BLOCK):
-            end = min(start + ATTENTION_BLOCK, query.shape[-2])
-            scores = causal_block_scores(query[..., start:end, :], key[..., :end, :], start, scaling)
-            log_normalizer = scores.logsumexp(dim=-1, keepdim=True)
-            probs = (scores - log_normalizer).exp().to(query.dtype)
-            output[..., start:end, :] = torch.matmul(probs, value[..., :end, :])
-            log_normalizers.append(log_normalizer)
-        ctx.save_for_backward(query, key, value, output, torch.cat(log_normalizers, dim=-2))
-        ctx.scaling = scaling
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        query, key, value, output, log_normalizer = ctx.saved_tensors
-        grad_output = grad_output.to(query.dtype)
-        # d softmax: grad_scores = probs * (grad_probs - rowsum(grad_output * output)).
-        delta = (grad_output.float() * output.float()).sum(dim=-1, keepdim=True)
-        grad_query = torch.empty_like(query)
-        grad_key = torch.zeros_like(key, dtype=torch.float32)
-        grad_value = torch.zeros_like(value, dtype=torch.float32)
-        for start in range(0, query.shape[-2], ATTENTION_BLOCK):
-            end = min(start + ATTENTION_BLOCK, query.shape[-2])
-            block_query, block_grad = query[..., start:end, :], grad_output[..., start:end, :]
-            scores = causal_block_scores(block_query, key[..., :end, :], start, ctx.scaling)
-            probs = (scores - log_normalizer[..., start:end, :]).exp()
-            grad_value[..., :end, :] += torch.matmul(probs.to(query.dtype).transpose(-1, -2), block_grad)
-            grad_probs = torch.matmul(block_grad, value[..., :end, :].transpose(-1, -2)).float()
-            grad_scores = (probs * (grad_probs - delta[..., start:end, :]) * ctx.scaling).to(query.dtype)
-            grad_query[..., start:end, :] = torch.matmul(grad_scores, key[..., :end, :])
-            grad_key[..., :end, :] += torch.matmul(grad_scores.transpose(-1, -2), block_query)
-        return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate [batch, heads, seq, head_dim] queries and keys by their positions' angles."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
 def eager_attention_forward(
@@ -200,6 +131,8 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -210,18 +143,24 @@ def eager_attention_forward(
 
 
 class GladeAttention(nn.Module):
-    """Causal multi-head self-attention with a fused q|k|v projection."""
+    """Causal multi-head self-attention with a fused q|k|v projection (fewer key/value heads with GQA)."""
 
     def __init__(self, config: GladeConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.n_embd // config.n_head
+        self.num_key_value_groups = config.n_head // config.n_kv_head
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        # Rows of the fused weight that are separate matrices (q | k | v), for optimizers that treat each alone.
-        self.c_attn.fused_output_sizes = (config.n_embd, config.n_embd, config.n_embd)
+        query_size, kv_size = config.n_head * self.head_dim, config.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, query_size + 2 * kv_size, bias=config.bias)
+        self.qkv_sizes = (query_size, kv_size, kv_size)
+        # Rows of the fused weight that are separate matrices, for optimizers that treat each alone.
+        self.c_attn.fused_output_sizes = self.qkv_sizes
+        if config.qk_norm:
+            self.q_norm = GladeRMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
+            self.k_norm = GladeRMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -229,54 +168,40 @@ class GladeAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query, key, value = self.c_attn(hidden_states).split(self.config.n_embd, dim=-1)
-        query = query.view(hidden_shape).transpose(1, 2)
-        key = key.view(hidden_shape).transpose(1, 2)
-        value = value.view(hidden_shape).transpose(1, 2)
+        query, key, value = (
+            states.view(hidden_shape) for states in self.c_attn(hidden_states).split(self.qkv_sizes, dim=-1)
+        )
+        if self.config.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
-        dropout = self.config.attn_pdrop if self.training else 0.0
-        if self._use_block_attention(query, key, attention_mask, dropout):
-            attn_output = BlockCausalAttention.apply(query, key, value, self.scaling).transpose(1, 2)
-            attn_weights = None
-        else:
-            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-            attn_output, attn_weights = attention_interface(
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=dropout,
-                scaling=self.scaling,
-                **kwargs,
-            )
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attn_pdrop if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.resid_dropout(self.c_proj(attn_output)), attn_weights
-
-    def _use_block_attention(
-        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
-    ) -> bool:
-        # sdpa's job, done faster when compiling for CPU: whole causal sequences (no padding mask, no cached prefix),
-        # without attention dropout, which the block kernel does not implement.
-        return (
-            torch.compiler.is_compiling()
-            and query.device.type == "cpu"
-            and self.config._attn_implementation == "sdpa"
-            and attention_mask is None
-            and dropout == 0.0
-            and query.shape[-2] == key.shape[-2] > 1
-        )
 
 
 class GladeMLP(nn.Module):
@@ -292,25 +217,47 @@ class GladeMLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
 
 
+class GladeGatedMLP(nn.Module):
+    """SwiGLU (Shazeer 2020): the SiLU of one projection gates another, then a third projects back."""
+
+    def __init__(self, config: GladeConfig):
+        super().__init__()
+        self.c_gate = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.c_gate(hidden_states)) * self.c_fc(hidden_states)))
+
+
 class GladeBlock(GradientCheckpointingLayer):
-    """Pre-LayerNorm transformer block: tokens talk (attention), then think (MLP)."""
+    """Pre-norm transformer block: tokens talk (attention), then think (MLP)."""
 
     def __init__(self, config: GladeConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = GladeAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.mlp = GladeMLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = GladeGatedMLP(config) if config.activation_function == "swiglu" else GladeMLP(config)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs)
+        attn_output, _ = self.attn(
+            self.ln_1(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
@@ -336,9 +283,16 @@ class GladePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # GPT-2 scales each residual-path projection by 1/sqrt(2 * n_layer) so the residual stream's variance does
-        # not grow with depth. The flag lives on the leaf Linear: transformers only visits modules owning parameters.
+        # not grow with depth; zero_init starts them at zero, so every block begins as the identity. The flags live
+        # on the leaf Linears: transformers only visits modules owning parameters.
         if getattr(module, "is_residual_projection", False):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
+            if self.config.zero_init:
+                init.zeros_(module.weight)
+            else:
+                std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+                init.normal_(module.weight, mean=0.0, std=std)
+        elif getattr(module, "is_output_head", False) and self.config.zero_init and not self.config.tie_word_embeddings:
+            init.zeros_(module.weight)  # uniform first predictions; a tied head is the embedding and keeps its init
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -369,10 +323,13 @@ class GladeModel(GladePreTrainedModel):
     def __init__(self, config: GladeConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        else:
+            self.rotary_emb = GladeRotaryEmbedding(config)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GladeBlock(config, layer_idx) for layer_idx in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -417,9 +374,20 @@ class GladeModel(GladePreTrainedModel):
             position_ids=position_ids,
         )
 
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        position_embeddings = None
+        if self.config.positions == "learned":
+            inputs_embeds = inputs_embeds + self.wpe(position_ids)
+        else:
+            position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = self.drop(inputs_embeds)
         for block in self.h:
-            hidden_states = block(hidden_states, attention_mask=causal_mask, cache=cache, **kwargs)
+            hidden_states = block(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                **kwargs,
+            )
         hidden_states = self.ln_f(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
@@ -430,7 +398,9 @@ class GladeModel(GladePreTrainedModel):
                 f"Sequence length {total_length} (cache + input) exceeds the model's maximum of "
                 f"n_positions={self.config.n_positions}"
             )
-        if input_ids is None or input_ids.numel() == 0:
+        # Reading the ids' values is free on the CPU but would make a GPU wait on every forward; there, an
+        # out-of-range id fails in the embedding kernel instead.
+        if input_ids is None or input_ids.numel() == 0 or input_ids.device.type != "cpu":
             return
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
@@ -460,6 +430,7 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GladeModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.is_output_head = True
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -499,9 +470,12 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
             skip_logits = self.training and labels is not None
         logits = loss = None
         if skip_logits and self._can_fuse_loss(logits_to_keep):
-            loss = causal_lm_loss_from_hidden(outputs.last_hidden_state, self.lm_head.weight, labels, **kwargs)
+            loss = causal_lm_loss_from_hidden(
+                outputs.last_hidden_state, self.lm_head.weight, labels, logit_softcap=self.config.logit_softcap,
+                **kwargs,
+            )
         else:
-            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+            logits = self.unembed(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
@@ -513,6 +487,12 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+
+    def unembed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states: the output head, then the soft cap if the config sets one."""
+        logits = self.lm_head(hidden_states)
+        softcap = self.config.logit_softcap
+        return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
     def _can_fuse_loss(self, logits_to_keep: int | torch.Tensor) -> bool:
         # Only the stock loss over every position of a plain Linear head is reproduced; a custom loss function, a

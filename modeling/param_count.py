@@ -4,15 +4,10 @@ The count is a formula over the config, so even GPT-3 175B is broken down instan
 """
 
 import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from transformers import AutoConfig
-
+from .checkpoints import add_model_argument, default_model, read_config_file, read_glade_config
 from .configuration_glade import PRESETS, GladeConfig
-from .generate import TINY_RANDOM, default_model
-from .tiny import tiny_config
 
 
 @dataclass(frozen=True)
@@ -57,48 +52,70 @@ def _linear(n_in: int, n_out: int, bias: bool) -> tuple[str, int]:
     return f"{n_in:,} x {n_out:,}", n_in * n_out
 
 
-def _layer_norm(width: int, bias: bool) -> tuple[str, int]:
-    return (f"{width:,} + {width:,}", 2 * width) if bias else (f"{width:,}", width)
+def _norm(width: int, config: GladeConfig) -> tuple[str, int]:
+    """A LayerNorm's gain (and bias), or an RMSNorm's gain."""
+    if config.bias and config.norm == "layernorm":
+        return f"{width:,} + {width:,}", 2 * width
+    return f"{width:,}", width
 
 
 def _sum_of(name: str, *parts: tuple[str, int]) -> Component:
     return Component(name, " + ".join(formula for formula, _ in parts), sum(count for _, count in parts))
 
 
+def _attention(config: GladeConfig) -> Component:
+    width, bias, head_dim = config.n_embd, config.bias, config.n_embd // config.n_head
+    qkv = _linear(width, (config.n_head + 2 * config.n_kv_head) * head_dim, bias)
+    if not config.qk_norm:
+        return _sum_of("attention (c_attn, c_proj)", qkv, _linear(width, width, bias))
+    qk_norms = (f"2 x {head_dim:,}", 2 * head_dim)
+    return _sum_of("attention (c_attn, q_norm, k_norm, c_proj)", qkv, qk_norms, _linear(width, width, bias))
+
+
+def _mlp(config: GladeConfig) -> Component:
+    width, inner, bias = config.n_embd, config.n_inner, config.bias
+    if config.activation_function == "swiglu":
+        return _sum_of("MLP (c_gate, c_fc, c_proj)", _linear(width, inner, bias), _linear(width, inner, bias),
+                       _linear(inner, width, bias))
+    return _sum_of("MLP (c_fc, c_proj)", _linear(width, inner, bias), _linear(inner, width, bias))
+
+
 def count_parameters(config: GladeConfig) -> ParameterCount:
     """Count the parameters a `GladeForCausalLM` built from `config` has, without building it."""
-    width, bias = config.n_embd, config.bias
-    norm_formula, norm_count = _layer_norm(width, bias)
+    width = config.n_embd
+    norm_formula, norm_count = _norm(width, config)
     if config.tie_word_embeddings:
         head = Component("head (lm_head)", "tied to wte", 0)
     else:
         head = Component("head (lm_head)", *_linear(width, config.vocab_size, bias=False))
+    if config.positions == "rotary":
+        positions = Component("positions (rotary)", "computed, not learned", 0)
+    else:
+        positions = Component(
+            "position embedding (wpe)", f"{config.n_positions:,} x {width:,}", config.n_positions * width
+        )
     return ParameterCount(
         token_embedding=Component(
             "token embedding (wte)", f"{config.vocab_size:,} x {width:,}", config.vocab_size * width
         ),
-        position_embedding=Component(
-            "position embedding (wpe)", f"{config.n_positions:,} x {width:,}", config.n_positions * width
-        ),
+        position_embedding=positions,
         block_layer_norms=Component(
-            "layer norms (ln_1, ln_2)", f"2 x ({norm_formula})" if bias else f"2 x {norm_formula}", 2 * norm_count
+            f"norms (ln_1, ln_2: {config.norm})", f"2 x ({norm_formula})" if "+" in norm_formula else f"2 x {norm_formula}",
+            2 * norm_count,
         ),
-        block_attention=_sum_of(
-            "attention (c_attn, c_proj)", _linear(width, 3 * width, bias), _linear(width, width, bias)
-        ),
-        block_mlp=_sum_of(
-            "MLP (c_fc, c_proj)", _linear(width, config.n_inner, bias), _linear(config.n_inner, width, bias)
-        ),
+        block_attention=_attention(config),
+        block_mlp=_mlp(config),
         n_layer=config.n_layer,
         final_norm=Component("final norm (ln_f)", norm_formula, norm_count),
         head=head,
     )
 
 
-def _in_words(count: int) -> str:
-    for size, word in ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (10**3, "thousand")):
+def format_count(count: int) -> str:
+    """A count as people say it: 6.9M, 124.4M, 175.0B."""
+    for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
         if count >= size:
-            return f"{count / size:.1f} {word}"
+            return f"{count / size:.1f}{suffix}"
     return str(count)
 
 
@@ -117,65 +134,17 @@ def format_parameter_table(counted: ParameterCount) -> str:
         (f"{counted.n_layer} blocks", f"{counted.n_layer} x {counted.per_block:,} = {counted.blocks:,}"),
         (counted.final_norm.name, f"{counted.final_norm.formula} = {counted.final_norm.count:,}"),
         (counted.head.name, f"{counted.head.formula} = {counted.head.count:,}"),
-        ("total", f"{counted.total:,} ({_in_words(counted.total)})"),
+        ("total", f"{counted.total:,} ({format_count(counted.total)})"),
     ]
     width = max(len(name) for name, _ in rows) + 2
     return "\n".join(f"{name:<{width}}{value}".rstrip() for name, value in rows)
 
 
-def _looks_like_local_path(model: str) -> bool:
-    # Hub ids are `name` or `owner/name`; anything else that does not exist is a mistyped directory.
-    return Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
-
-
-def _require_glade(config, source: str) -> None:
-    if config.model_type != GladeConfig.model_type:
-        raise ValueError(
-            f"{source} holds a {config.model_type!r} model, not a Glade model (model_type 'glade'); "
-            "convert GPT-2 checkpoints to Glade first"
-        )
-
-
-def checkpoint_config(model: str) -> GladeConfig:
-    """The config of a Glade checkpoint directory, hub id or `tiny-random`, read without loading any weights."""
-    if model == TINY_RANDOM:
-        return tiny_config()
-    path = Path(model).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{model} is not a checkpoint directory: it has no config.json")
-    if not path.exists() and _looks_like_local_path(model):
-        raise FileNotFoundError(f"No checkpoint directory at {model}")
-    if path.is_file():
-        raise ValueError(f"{model} is a file; pass the checkpoint directory that holds config.json")
-    config = AutoConfig.from_pretrained(str(path) if path.exists() else model)
-    _require_glade(config, model)
-    return config
-
-
-def config_from_file(path: str) -> GladeConfig:
-    """A GladeConfig from a config.json file (a checkpoint's, or hand-written with GladeConfig's fields)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"No config file at {path}")
-    try:
-        fields = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(fields, dict):
-        raise ValueError(f"{path} must hold a JSON object of GladeConfig fields")
-    model_type = fields.get("model_type", GladeConfig.model_type)
-    if model_type != GladeConfig.model_type:
-        raise ValueError(f"{path} describes a {model_type!r} model, not a Glade model (model_type 'glade')")
-    return GladeConfig.from_dict(fields)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "params", help="count a Glade model's parameters by component, from its config (nothing is allocated)"
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`glade params`."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(PRESETS), help="a named architecture, e.g. gpt2 or gpt3-175b")
-    source.add_argument("--model", help=f"checkpoint dir or hub id (default: shipped model, else {TINY_RANDOM})")
+    add_model_argument(source)
     source.add_argument("--config", help="a config.json file")
     parser.set_defaults(func=_run)
 
@@ -184,10 +153,10 @@ def _run(args: argparse.Namespace) -> None:
     if args.preset:
         source, config = f"preset {args.preset}", GladeConfig.from_preset(args.preset)
     elif args.config:
-        source, config = args.config, config_from_file(args.config)
+        source, config = args.config, read_config_file(args.config)
     else:
         model = args.model or default_model()
-        source, config = model, checkpoint_config(model)
+        source, config = model, read_glade_config(model)
     print(
         f"{source}: n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd:,}, "
         f"n_inner={config.n_inner:,}, vocab_size={config.vocab_size:,}, n_positions={config.n_positions:,}, "

@@ -1,40 +1,21 @@
-"""Small self-contained building blocks: a byte-level tokenizer and a tiny random Glade model.
+"""A tiny random Glade model and a byte-level tokenizer without merges (`tiny-random`).
 
 They need no files and no network, so tests, examples and `glade generate` (before a trained checkpoint is
 available) can always run.
 """
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import models
 from transformers import PreTrainedTokenizerFast
+
+from glade.training.tokenizer import BYTE_ALPHABET, END_OF_TEXT, byte_level_bpe, wrap_tokenizer
 
 from .configuration_glade import GladeConfig
 from .modeling_glade import GladeForCausalLM
 
-END_OF_TEXT = "<|endoftext|>"
-
-
-def byte_level_bpe(bpe: models.BPE) -> Tokenizer:
-    """A tokenizer around `bpe` with GPT-2's byte-level pre-tokenization and decoding."""
-    backend = Tokenizer(bpe)
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def wrap_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
-    """A transformers tokenizer in which `<|endoftext|>` is bos, eos, pad and unk, as in GPT-2."""
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        unk_token=END_OF_TEXT,
-    )
-
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2's byte-level pre-tokenization with no merges: 256 byte tokens plus `<|endoftext|>` (id 256)."""
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab = {symbol: i for i, symbol in enumerate(sorted(BYTE_ALPHABET))}
     vocab[END_OF_TEXT] = len(vocab)
     return wrap_tokenizer(byte_level_bpe(models.BPE(vocab=vocab, merges=[])))
 

@@ -20,3 +20,9 @@ def test_glade_console_command_is_installed():
     executable = Path(sys.executable).parent / "glade"
     result = subprocess.run([str(executable), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "generate" in result.stdout
+
+
+def test_conversion_does_not_load_matplotlib():
+    code = "import sys, glade.conversion; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

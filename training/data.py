@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from glade.atomic import write_text_atomically
+from glade.checkpoints import looks_like_local_path
 
 # Bump when the token file layout changes, so stale caches are not reused.
 CACHE_FORMAT = 1
@@ -61,16 +64,20 @@ class TextSource:
         more = len(self.locations) - 3
         return ", ".join(self.locations[:3]) + (f" (+{more} more)" if more > 0 else "")
 
+    def local_files(self) -> list[str]:
+        """The files the documents are read from (none for a Hub dataset)."""
+        if self.kind == "files":
+            return list(self.locations)
+        if self.kind == "folder":
+            return sorted(str(p) for p in Path(self.locations[0]).rglob("*") if p.is_file())
+        return []
+
     def fingerprint(self) -> dict:
         """What identifies this data for the token cache: for files their paths, sizes and modification times."""
         identity = asdict(self)
-        if self.kind == "files":
-            files = list(self.locations)
-        elif self.kind == "folder":
-            files = sorted(str(p) for p in Path(self.locations[0]).rglob("*") if p.is_file())
-        else:
-            return identity
-        identity["files"] = [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
+        if self.kind != "hub":
+            identity["files"] = [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns]
+                                 for path in self.local_files()]
         return identity
 
 
@@ -113,8 +120,8 @@ def resolve_source(
 
 
 def _looks_like_path(item: str) -> bool:
-    # Hub ids look like "name" or "org/name"; anything else with a known suffix or path shape is a local file.
-    return Path(item).suffix.lower() in FILE_BUILDERS or item.startswith((".", "/")) or item.count("/") > 1
+    # A Hub dataset id has no data-file suffix.
+    return Path(item).suffix.lower() in FILE_BUILDERS or looks_like_local_path(item)
 
 
 def load_documents(source: TextSource, streaming: bool = False):
@@ -201,9 +208,13 @@ def cached_token_file(
     meta_path = Path(cache_dir) / f"{key}.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    token_file = TokenFile(path=Path(cache_dir) / f"{key}.bin", **meta)
-    expected = token_file.num_tokens * np.dtype(token_file.dtype).itemsize
+    try:
+        token_file = TokenFile(path=Path(cache_dir) / f"{key}.bin", **json.loads(meta_path.read_text()))
+        expected = token_file.num_tokens * np.dtype(token_file.dtype).itemsize
+    except (ValueError, TypeError) as error:  # not JSON, not an object, missing or unknown fields, a bad dtype
+        raise ValueError(
+            f"the token cache entry {meta_path} is damaged ({error}): delete it and {key}.bin to tokenize again"
+        ) from None
     if not token_file.path.is_file() or token_file.path.stat().st_size != expected:
         return None
     return token_file
@@ -220,6 +231,53 @@ def tokenize_to_cache(
     cached = cached_token_file(source, tokenizer, cache_dir)
     if cached is not None:
         return cached
+    with naming_undecodable_files(source):
+        return write_token_file(source, tokenizer, cache_dir, streaming, show_progress)
+
+
+@contextmanager
+def naming_undecodable_files(source: TextSource) -> Iterator[None]:
+    """`datasets` reads a file that is not UTF-8 (binary, or Latin-1 text) into a UnicodeDecodeError, wrapped or
+    not, that names no file: name the file."""
+    try:
+        yield
+    except Exception as error:
+        undecodable = first_non_utf8_file(source) if caused_by(error, UnicodeDecodeError) else None
+        if undecodable is None:
+            raise
+        raise ValueError(
+            f"data file {undecodable} is not UTF-8 text (a binary file, or text in another encoding such as "
+            "Latin-1): convert it to UTF-8 or leave it out"
+        ) from error
+
+
+def caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `error`, or an exception it was raised from or while handling, is a `kind`."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error is not None
+
+
+def first_non_utf8_file(source: TextSource) -> str | None:
+    """The first text or JSON file of the source that does not decode as UTF-8, read in chunks."""
+    for path in source.local_files():
+        if FILE_BUILDERS.get(Path(path).suffix.lower()) not in ("text", "json"):
+            continue  # parquet and datasets' own files are binary by design
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            with open(path, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return path
+    return None
+
+
+def write_token_file(
+    source: TextSource, tokenizer: PreTrainedTokenizerFast, cache_dir: str | Path, streaming: bool, show_progress: bool
+) -> TokenFile:
+    """Read and tokenize every document into the cache entry of this source and tokenizer."""
     documents = load_documents(source, streaming=streaming)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -116,11 +116,9 @@ def push_folder(
             attempt += 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "push", help="publish a saved Glade model folder to the Hugging Face Hub",
-        description="Create ORG/NAME on the Hub (HF_ENDPOINT) if needed and upload DIR in one commit.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`glade push`."""
+    parser.description = "Create ORG/NAME on the Hub (HF_ENDPOINT) if needed and upload DIR in one commit."
     parser.add_argument("folder", metavar="DIR", help="a save_pretrained folder with a README.md model card")
     parser.add_argument("repo_id", metavar="ORG/NAME", help="the Hub repository to push to")
     parser.add_argument("--private", action="store_true", help="create the repository as private")

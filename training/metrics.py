@@ -2,17 +2,50 @@
 tracker (`--report-to tensorboard`, ...).
 
 Train records carry `step, train_loss, lr, grad_norm, tokens_seen, tokens_per_sec`; evaluation records
-`step, tokens_seen, val_loss, val_ppl, val_bpb`. `glade.training.model_card` and `glade.training.plots` read them.
+`step, tokens_seen, val_loss, val_ppl, val_bpb`. `read_metrics` reads them back, for the model card and the plots.
+Every line is strict JSON: `lr` and `grad_norm` are null where they are not finite numbers (an infinite `--lr`, a
+norm that overflowed) or not known; any other field that is not a finite number is refused rather than written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from glade.atomic import write_text_atomically
-from .model_card import METRICS_FILENAME, read_metrics
+
+METRICS_FILENAME = "metrics.jsonl"
+# Fields of records that must be numbers when present; evaluation records are those with `val_loss`.
+NUMERIC_FIELDS = (
+    "step", "train_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "val_loss", "val_ppl", "val_bpb",
+)
+# Numeric fields that may be null: the training loop stops at a non-finite loss, but not for these.
+NULLABLE_FIELDS = ("lr", "grad_norm")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl log, in order; a malformed line raises ValueError naming its number."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        for name in NUMERIC_FIELDS:
+            value = record.get(name)
+            if value is None and name in NULLABLE_FIELDS:
+                continue
+            if name in record and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}, line {number}: {name!r} must be a number, got {value!r}")
+        records.append(record)
+    return records
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -36,8 +69,13 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
+        record = {
+            name: None if name in NULLABLE_FIELDS and value is not None and not math.isfinite(value) else value
+            for name, value in record.items()
+        }
+        line = json.dumps(record, allow_nan=False)  # JSON has no NaN or Infinity: raise rather than write one
         with open(self.path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(line + "\n")
         if self.accelerator.trackers:
             metrics = {k: v for k, v in record.items() if k != "step"}
             self.accelerator.log(metrics, step=record["step"])

@@ -18,20 +18,16 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from glade import GladeConfig
-from glade.param_count import count_parameters
-
 from glade.atomic import write_bytes_atomically
+from glade.param_count import count_parameters, format_count
+
+from .metrics import METRICS_FILENAME, read_metrics
 
 TEMPLATE = files("glade.model_cards") / "templates" / "glade_card.md"
-METRICS_FILENAME = "metrics.jsonl"
-LOSS_CURVE_FILENAME = "loss_curve.png"
+LOSS_CURVE = "loss_curve.png"
 TAGS = ["glade", "gpt2", "custom_code", "text-generation"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Fields of metrics.jsonl records that must be numbers when present; eval records are those with `val_loss`.
-NUMERIC_FIELDS = (
-    "step", "train_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "val_loss", "val_ppl", "val_bpb",
-)
 EVAL_METRICS = {  # record field -> (model-index metric type, pretty name)
     "val_loss": ("loss", "Validation loss (nats/token)"),
     "val_ppl": ("perplexity", "Validation perplexity"),
@@ -39,27 +35,6 @@ EVAL_METRICS = {  # record field -> (model-index metric type, pretty name)
 }
 
 SampleGeneration = tuple[str, Mapping[str, Any] | str | None, str]  # (prompt, sampling settings, generated text)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl log, in order; a malformed line raises ValueError naming its number."""
-    path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-        for name in NUMERIC_FIELDS:
-            value = record.get(name)
-            if name in record and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{path}, line {number}: {name!r} must be a number, got {value!r}")
-        records.append(record)
-    return records
 
 
 def write_model_card(
@@ -102,6 +77,7 @@ def write_model_card(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: save the model with save_pretrained first")
     config = GladeConfig.from_pretrained(model_dir)
+    parameters = count_parameters(config).total
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else model_dir.resolve().name)
 
     if metrics_path is None and (model_dir / METRICS_FILENAME).is_file():
@@ -127,7 +103,7 @@ def write_model_card(
         model_name=model_name,
         repo_id=repo_id or model_name,
         config=config,
-        parameters=_format_count(count_parameters(config).total),
+        parameters=f"{format_count(parameters)} ({parameters:,})",
         train=train,
         evaluation=evaluation,
         hyperparameters=_table_rows(training_args or {}),
@@ -170,13 +146,13 @@ def _load_parity(report: Mapping[str, Any] | str | Path | None) -> Mapping[str, 
 
 
 def _copy_loss_curve(source: str | Path, model_dir: Path) -> str:
-    source, target = Path(source), model_dir / LOSS_CURVE_FILENAME
+    source, target = Path(source), model_dir / LOSS_CURVE
     data = source.read_bytes()
     if not data.startswith(PNG_SIGNATURE):
         raise ValueError(f"loss curve {source} is not a PNG file")
     if source.resolve() != target.resolve():
         write_bytes_atomically(target, data)
-    return LOSS_CURVE_FILENAME
+    return LOSS_CURVE
 
 
 def _sample_view(prompt: str, settings: Mapping[str, Any] | str | None, text: str) -> dict[str, str]:
@@ -209,10 +185,3 @@ def _table_cell(value: Any) -> str:
     else:
         text = str(value)
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _format_count(n: int) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.1f}{suffix} ({n:,})"
-    return f"{n:,}"

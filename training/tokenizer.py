@@ -6,19 +6,39 @@ special token `<|endoftext|>` separates documents and serves as bos, eos and pad
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from glade.atomic import atomic_directory
-from glade.tiny import END_OF_TEXT, byte_level_bpe, wrap_tokenizer
 
+END_OF_TEXT = "<|endoftext|>"
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 # Every byte needs a token before any merge can be learned, plus one for <|endoftext|>.
 MIN_VOCAB_SIZE = len(BYTE_ALPHABET) + 1
+
+
+def byte_level_bpe(bpe: models.BPE) -> Tokenizer:
+    """A tokenizer around `bpe` with GPT-2's byte-level pre-tokenization and decoding."""
+    backend = Tokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def wrap_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer in which `<|endoftext|>` is bos, eos, pad and unk, as in GPT-2."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+    )
 
 
 def train_tokenizer(
@@ -99,3 +119,24 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
         else:
             lengths[token_id] = len(tokenizer.decode([token_id]).encode("utf-8"))
     return lengths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`glade train-tokenizer`."""
+    parser.add_argument("--data", nargs="+", required=True,
+                        help=".txt/.jsonl/.parquet files (globs ok), a dataset folder, or a Hub dataset id")
+    parser.add_argument("--vocab-size", type=int, required=True, help=f"tokens in the vocabulary (>= {MIN_VOCAB_SIZE})")
+    parser.add_argument("--output-dir", required=True, help="where to save the tokenizer")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--data-split", default="train", help="split of a Hub dataset")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
+    parser.add_argument("--min-frequency", type=int, default=2, help="ignore merges seen fewer times")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    tokenizer = train_tokenizer_from_data(
+        args.data, args.vocab_size, args.output_dir, text_column=args.text_column, split=args.data_split,
+        streaming=args.streaming, min_frequency=args.min_frequency,
+    )
+    print(f"saved a {len(tokenizer)}-token tokenizer to {args.output_dir}")

@@ -1,14 +1,19 @@
-"""Glade configuration: GPT-2's hyperparameters under GPT-2's stored names.
+"""Glade configuration: GPT-2's hyperparameters under GPT-2's stored names, plus the options of modern GPTs.
+
+Every modern option is off by default, so a default `GladeConfig` is GPT-2 exactly.
 
 This file ships beside `modeling_glade.py` as Hub remote code, so it imports only the standard library and
 transformers.
 """
 
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
 
-ACTIVATION_FUNCTIONS = ("gelu_new", "gelu")
+ACTIVATION_FUNCTIONS = ("gelu_new", "gelu", "relu2", "swiglu")
+POSITIONS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
 
 # Architecture shapes only: the vocabulary of a trained model comes from its tokenizer.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -41,8 +46,10 @@ class GladeConfig(PreTrainedConfig):
         vocab_size: number of token ids.
         n_positions: longest sequence the learned position table covers.
         n_embd, n_layer, n_head: width, depth and attention heads (`n_embd` must divide by `n_head`).
-        n_inner: MLP width; `None` means 4 * n_embd.
-        activation_function: `"gelu_new"` (GPT-2's tanh approximation) or `"gelu"` (exact, as in nanoGPT).
+        n_inner: MLP width; `None` means 4 * n_embd, or for `"swiglu"` 8/3 * n_embd rounded up to a multiple of 32
+            (three matrices of that width hold as many parameters as GPT-2's two of 4 * n_embd).
+        activation_function: `"gelu_new"` (GPT-2's tanh approximation), `"gelu"` (exact, as in nanoGPT), `"relu2"`
+            (squared ReLU) or `"swiglu"` (a gated MLP: silu(x W_gate) * (x W_fc), then W_proj).
         resid_pdrop, embd_pdrop, attn_pdrop: dropout probabilities, in [0, 1).
         layer_norm_epsilon: LayerNorm epsilon.
         initializer_range: std of the normal init; residual projections get std / sqrt(2 * n_layer).
@@ -50,6 +57,15 @@ class GladeConfig(PreTrainedConfig):
         bos_token_id, eos_token_id, pad_token_id: special ids; when bos and eos are both unset they default to
             the last id, where GPT-2 and Glade tokenizers keep `<|endoftext|>`.
         tie_word_embeddings: share the token embedding with the output head.
+        positions: `"learned"` (GPT-2's position table) or `"rotary"` (RoPE on queries and keys, no table).
+        rope_parameters: for rotary positions, transformers' RoPE dict, e.g. `{"rope_type": "default",
+            "rope_theta": 10000.0}` (the default); `None` with learned positions.
+        norm: `"layernorm"` (GPT-2) or `"rmsnorm"` (no mean subtraction, no bias).
+        qk_norm: RMSNorm (with a gain) on each head's queries and keys before attention.
+        n_kv_head: key/value heads (grouped-query attention); must divide `n_head`. `None` means `n_head`.
+        logit_softcap: soft-cap the logits to `c * tanh(logits / c)`; `None` leaves them as they are.
+        zero_init: start every residual-output projection (and an untied output head) at zero, so each block begins
+            as the identity and the first logits are uniform.
     """
 
     model_type = "glade"
@@ -60,11 +76,13 @@ class GladeConfig(PreTrainedConfig):
         "num_attention_heads": "n_head",
         "max_position_embeddings": "n_positions",
         "intermediate_size": "n_inner",
+        "num_key_value_heads": "n_kv_head",
     }
     # The fused q|k|v weight cannot be split column-wise as three separate projections would be.
     base_model_tp_plan = {
         "h.*.attn.c_proj": "rowwise",
         "h.*.mlp.c_fc": "colwise",
+        "h.*.mlp.c_gate": "colwise",
         "h.*.mlp.c_proj": "rowwise",
     }
     # FSDP2 units: one per block. The token embedding stays in the root unit with the head it is tied to.
@@ -93,14 +111,30 @@ class GladeConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
+    positions: str = "learned"
+    rope_parameters: dict | None = None
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    n_kv_head: int | None = None
+    logit_softcap: float | None = None
+    zero_init: bool = False
 
     def __post_init__(self, **kwargs):
+        # Canonical names (hidden_size=..., num_attention_heads=...) arrive in kwargs: set them before the defaults
+        # that depend on them.
+        for canonical, stored in self.attribute_map.items():
+            if canonical in kwargs:
+                setattr(self, stored, kwargs.pop(canonical))
         self._check_types()
         if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd
+            self.n_inner = swiglu_width(self.n_embd) if self.activation_function == "swiglu" else 4 * self.n_embd
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
         if self.bos_token_id is None and self.eos_token_id is None:
             self.bos_token_id = self.eos_token_id = self.vocab_size - 1
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # fills rope_parameters with transformers' defaults
+        if self.positions != "rotary":
+            self.rope_parameters = None
         self.validate_architecture()
         self.validate_token_ids()
 
@@ -113,9 +147,9 @@ class GladeConfig(PreTrainedConfig):
 
     def _check_types(self) -> None:
         int_fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-        for name in int_fields + ("n_inner",):
+        for name in int_fields + ("n_inner", "n_kv_head"):
             value = getattr(self, name)
-            if value is None and name == "n_inner":
+            if value is None and name in ("n_inner", "n_kv_head"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"GladeConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -123,18 +157,34 @@ class GladeConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"GladeConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
-        for name in ("bias", "tie_word_embeddings"):
+        for name in ("bias", "tie_word_embeddings", "qk_norm", "zero_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GladeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        cap = self.logit_softcap
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0):
+            raise ValueError(f"GladeConfig.logit_softcap must be a positive number or None, got {cap!r}")
+        for name, choices in (("positions", POSITIONS), ("norm", NORMS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"GladeConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def validate_architecture(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "n_kv_head"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GladeConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GladeConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                 "each head gets n_embd / n_head channels"
+            )
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(
+                f"GladeConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each key/value head "
+                "serves the same number of query heads"
+            )
+        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(
+                f"GladeConfig.positions='rotary' needs an even head size, got n_embd / n_head = "
+                f"{self.n_embd // self.n_head}: rotary embeddings rotate pairs of channels"
             )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if not 0 <= getattr(self, name) < 1:
@@ -162,6 +212,11 @@ class GladeConfig(PreTrainedConfig):
                     raise ValueError(
                         f"GladeConfig.{name}={token_id} is outside the vocabulary (vocab_size={self.vocab_size})"
                     )
+
+
+def swiglu_width(n_embd: int) -> int:
+    """The gated MLP's width: 8/3 * n_embd, rounded up to a multiple of 32 for matmul-friendly shapes."""
+    return 32 * math.ceil(8 * n_embd / 3 / 32)
 
 
 __all__ = ["GladeConfig", "PRESETS"]

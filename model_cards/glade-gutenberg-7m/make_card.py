@@ -5,7 +5,6 @@ with the data, hardware and baseline comparison that only this recipe knows.
 """
 
 import argparse
-import platform
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import glade  # noqa: F401  (registers the architecture)
 from glade.atomic import save_figure
-from glade.training.model_card import read_metrics, write_model_card
+from glade.hardware import cpu_name
+from glade.training.metrics import read_metrics
+from glade.training.model_card import write_model_card
 
 PROMPTS = [
     "It was a dark and stormy night",
@@ -25,14 +26,8 @@ PROMPTS = [
 ]
 SHIPPED_FILES = [
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-    "configuration_glade.py", "modeling_glade.py", "metrics.jsonl", "loss_curve.png",
+    "configuration_glade.py", "modeling_glade.py", "kernels_glade.py", "metrics.jsonl", "loss_curve.png",
 ]
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-    return names[0] if names else platform.machine()
 
 
 def evals(metrics: Path) -> dict[int, dict]:

@@ -28,7 +28,8 @@ def test_missing_weights_file(tmp_path, gpt2_dir):
 def test_missing_source_directory(tmp_path):
     destination = tmp_path / "out"
     assert_fails_cleanly(
-        lambda: convert_gpt2(tmp_path / "nowhere", destination), destination, FileNotFoundError, "nowhere not found"
+        lambda: convert_gpt2(tmp_path / "nowhere", destination), destination, FileNotFoundError,
+        "model directory .*nowhere does not exist",
     )
 
 
@@ -104,6 +105,26 @@ def test_export_refuses_bias_free_glade(tmp_path):
     assert_fails_cleanly(
         lambda: export_gpt2(tmp_path / "glade", destination), destination, ValueError,
         "bias=False, which GPT-2 cannot express",
+    )
+
+
+@pytest.mark.parametrize("option,message", [
+    ({"positions": "rotary"}, "positions='rotary'"),
+    ({"norm": "rmsnorm"}, "norm='rmsnorm'"),
+    ({"qk_norm": True}, "qk_norm=True"),
+    ({"activation_function": "relu2"}, "activation_function='relu2'"),
+    ({"activation_function": "swiglu"}, "activation_function='swiglu'"),
+    ({"n_kv_head": 2}, "n_kv_head=2"),
+    ({"logit_softcap": 30.0}, "logit_softcap=30.0"),
+])
+def test_export_refuses_each_modern_option_by_name(tmp_path, option, message):
+    from glade.tiny import tiny_model
+
+    tiny_model(**option).save_pretrained(tmp_path / "glade")
+    destination = tmp_path / "out"
+    assert_fails_cleanly(
+        lambda: export_gpt2(tmp_path / "glade", destination), destination, ValueError,
+        f"Glade config uses {message}, which GPT-2 cannot express",
     )
 
 

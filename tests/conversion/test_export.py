@@ -48,6 +48,8 @@ def test_exported_checkpoint_loads_with_plain_transformers(tmp_path, gpt2_dir, g
     result = last_json_line(stdout)
     assert result["class"] == "GPT2LMHeadModel"
     assert torch.equal(torch.tensor(result["logits"]), expected)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "back").iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # the weights too: readable by everyone, like every other file
 
 
 def test_glade_with_exact_gelu_and_custom_width_exports(tmp_path):

@@ -64,6 +64,6 @@ def test_an_unreachable_hub_id_is_a_file_not_found_error(tmp_path, fake_hub):
 
 def test_a_missing_path_that_cannot_be_a_hub_id_is_not_looked_up(tmp_path, fake_hub):
     _, calls = fake_hub
-    with pytest.raises(FileNotFoundError, match="Checkpoint directory ./models/gpt2 not found"):
+    with pytest.raises(FileNotFoundError, match="model directory ./models/gpt2 does not exist"):
         convert_gpt2("./models/gpt2", tmp_path / "glade")
     assert calls == []

@@ -1,5 +1,6 @@
 import pytest
 
+from architectures import ARCHITECTURES
 from glade.tiny import byte_level_tokenizer, tiny_model
 
 
@@ -8,9 +9,10 @@ def tokenizer():
     return byte_level_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0)
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def model(request):
+    """Every look inside works on GPT-2's architecture and on one with every modern option."""
+    return tiny_model(seed=0, **ARCHITECTURES[request.param])
 
 
 @pytest.fixture(scope="module")

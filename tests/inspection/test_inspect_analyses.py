@@ -52,14 +52,15 @@ def test_next_token_plot_is_a_png(model, tokenizer, tmp_path, assert_png):
 def test_generation_steps_follow_a_plain_greedy_loop(model, tokenizer, tmp_path, assert_png):
     steps = generation_steps(model, tokenizer, "Once upon", max_new_tokens=4, top_k=3)
     assert len(steps) == 4
-    text = "Once upon"
+    ids = tokenizer("Once upon", return_tensors="pt").input_ids
     for step in steps:
-        probabilities = torch.softmax(_logits(model, tokenizer, text)[-1], dim=-1)
+        with torch.no_grad():
+            probabilities = torch.softmax(model(ids).logits[0, -1], dim=-1)
         top = probabilities.topk(4)
         assert step.chosen.token_id == top.indices[0]
         assert step.chosen.probability == pytest.approx(float(top.values[0]), rel=1e-5)
         assert [r.token_id for r in step.runners_up] == top.indices[1:].tolist()
-        text += tokenizer.decode([step.chosen.token_id])
+        ids = torch.cat([ids, torch.tensor([[step.chosen.token_id]])], dim=1)  # ids: stray bytes need not re-encode
 
     figure = plot_generation_steps(steps, tmp_path / "steps.png")
     assert_png(tmp_path / "steps.png")
@@ -138,11 +139,13 @@ def test_logit_lens_reads_every_layer_through_the_final_norm(model, tokenizer, t
     assert [p.token_id for p in lens.predictions[-1]] == probabilities.argmax(-1).tolist()
     torch.testing.assert_close(torch.tensor([p.probability for p in lens.predictions[-1]]),
                                probabilities.max(-1).values)
-    # The first row reads the embeddings alone: unembed(ln_f(wte + wpe)).
+    # The first row reads the embeddings alone: unembed(ln_f(wte (+ wpe))); rotary positions act inside attention.
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     with torch.no_grad():
-        embedded = model.transformer.wte(input_ids) + model.transformer.wpe(torch.arange(len(input_ids)))
-        first = torch.softmax(model.lm_head(model.transformer.ln_f(embedded)), dim=-1)
+        embedded = model.transformer.wte(input_ids)
+        if model.config.positions == "learned":
+            embedded = embedded + model.transformer.wpe(torch.arange(len(input_ids)))
+        first = torch.softmax(model.unembed(model.transformer.ln_f(embedded)), dim=-1)
     assert [p.token_id for p in lens.predictions[0]] == first.argmax(-1).tolist()
 
     figure = plot_logit_lens(lens, tmp_path / "lens.png")

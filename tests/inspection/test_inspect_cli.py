@@ -1,5 +1,9 @@
-import pytest
+import shutil
 
+import pytest
+import torch
+
+from checkpoint_helpers import rewrite_weights
 from glade.cli import main
 from glade.inspection import (
     attention_maps,
@@ -78,5 +82,15 @@ def test_bad_input_exits_with_a_message(checkpoint_dir, bert_dir, tmp_path, caps
         capsys, "inspect", "attention", "ab", "--layer", "0", "--head", "4", "--model", model
     )
     assert "'king' is not a single token" in _fails(capsys, "inspect", "neighbors", "king", "--model", model)
-    assert "not a Glade model" in _fails(capsys, "inspect", "lens", "ab", "--model", str(bert_dir))
-    assert "No checkpoint directory at" in _fails(capsys, "inspect", "lens", "ab", "--model", str(tmp_path / "nope"))
+    assert "is not a glade config" in _fails(capsys, "inspect", "lens", "ab", "--model", str(bert_dir))
+    assert f"model directory {tmp_path / 'nope'} does not exist" in _fails(
+        capsys, "inspect", "lens", "ab", "--model", str(tmp_path / "nope")
+    )
+
+
+def test_a_checkpoint_with_an_extra_tensor_is_refused(checkpoint_dir, tmp_path, capsys):
+    damaged = shutil.copytree(checkpoint_dir, tmp_path / "damaged")
+    rewrite_weights(damaged, lambda tensors: tensors.update({"transformer.h.9.attn.c_attn.weight": torch.zeros(2)}))
+    assert "does not match its config: unexpected transformer.h.9.attn.c_attn.weight" in _fails(
+        capsys, "inspect", "lens", "ab", "--model", str(damaged)
+    )

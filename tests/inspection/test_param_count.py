@@ -2,10 +2,12 @@ import re
 
 import pytest
 
+from architectures import MODERN
+from glade.checkpoints import read_config_file, read_glade_config
 from glade.cli import main
 from glade.configuration_glade import GladeConfig
 from glade.modeling_glade import GladeForCausalLM, GladeModel
-from glade.param_count import checkpoint_config, config_from_file, count_parameters
+from glade.param_count import count_parameters
 from glade.tiny import tiny_config
 
 CONFIGS = {
@@ -13,6 +15,15 @@ CONFIGS = {
     "untied": tiny_config(tie_word_embeddings=False),
     "no bias": tiny_config(bias=False),
     "untied, no bias, odd MLP width": tiny_config(bias=False, tie_word_embeddings=False, n_inner=100, n_layer=3),
+    **{f"modern: {name}": tiny_config(**options) for name, options in {
+        "rotary": {"positions": "rotary"},
+        "rmsnorm": {"norm": "rmsnorm"},
+        "rmsnorm, no bias": {"norm": "rmsnorm", "bias": False},
+        "qk_norm": {"qk_norm": True},
+        "gqa": {"n_kv_head": 1},
+        "swiglu": {"activation_function": "swiglu"},
+        "every option": {**MODERN, "n_kv_head": 1},
+    }.items()},
 }
 
 
@@ -87,16 +98,16 @@ def test_params_of_a_checkpoint_and_of_a_config_file(tmp_path, capsys):
 
 
 def test_non_glade_and_missing_sources_are_clear_errors(tmp_path, bert_dir, capsys):
-    with pytest.raises(ValueError, match="holds a 'bert' model, not a Glade model"):
-        checkpoint_config(str(bert_dir))
-    with pytest.raises(FileNotFoundError, match="No checkpoint directory at"):
-        checkpoint_config(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="is not a glade config \\(model_type='bert', expected 'glade'\\)"):
+        read_glade_config(str(bert_dir))
+    with pytest.raises(FileNotFoundError, match="model directory .*missing does not exist"):
+        read_glade_config(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        checkpoint_config(str(tmp_path))
-    with pytest.raises(ValueError, match="describes a 'bert' model"):
-        config_from_file(str(bert_dir / "config.json"))
+        read_glade_config(str(tmp_path))
+    with pytest.raises(ValueError, match="is not a glade config \\(model_type='bert'"):
+        read_config_file(bert_dir / "config.json")
 
     with pytest.raises(SystemExit) as exit_info:
         main(["params", "--model", str(bert_dir)])
     assert exit_info.value.code == 2
-    assert "not a Glade model" in capsys.readouterr().err
+    assert "is not a glade config" in capsys.readouterr().err

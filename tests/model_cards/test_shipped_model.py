@@ -10,9 +10,9 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import glade
+from glade.checkpoints import default_model
 from glade.cli import main
-from glade.generate import default_model
-from glade.training.model_card import read_metrics
+from glade.training.metrics import read_metrics
 from subprocess_helpers import last_json_line, run_without_glade
 
 SHIPPED = Path(str(files("glade.model_cards") / "glade-gutenberg-7m"))

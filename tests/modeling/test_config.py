@@ -1,7 +1,10 @@
 import pytest
+import torch
+import torch.nn.functional as F
 from transformers import AutoConfig
 
-from glade import PRESETS, GladeConfig
+from glade import PRESETS, GladeConfig, GladeForCausalLM
+from glade.tiny import tiny_config
 
 
 def test_defaults_are_gpt2_124m():
@@ -41,9 +44,15 @@ def test_config_round_trips_through_json(tmp_path):
     assert saved == original
 
 
-def test_layer_norm_epsilon_is_settable():
-    config = GladeConfig(layer_norm_epsilon=1e-3)
-    assert config.layer_norm_epsilon == 1e-3
+def test_layer_norm_epsilon_is_what_every_layer_norm_computes_with():
+    model = GladeForCausalLM(tiny_config(layer_norm_epsilon=0.5))
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * model.config.n_layer + 1
+    hidden = torch.randn(3, model.config.n_embd) * 0.1  # a variance well below epsilon, so epsilon shows
+    for norm in norms:
+        expected = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, eps=0.5)
+        torch.testing.assert_close(norm(hidden), expected)
+        assert not torch.allclose(norm(hidden), F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias))
 
 
 @pytest.mark.parametrize(

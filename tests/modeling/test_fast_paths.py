@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-import glade.modeling_glade as modeling
+import glade.kernels_glade as kernels
 from glade.tiny import tiny_model
 
 IDS = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
@@ -38,8 +38,8 @@ def loss_and_grads(model, skip_logits: bool, autocast: bool = False, **inputs):
 )
 def test_fused_loss_equals_transformers_loss_in_fp32(monkeypatch, inputs):
     # 72 positions in chunks of 16: four full chunks and a partial one.
-    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(modeling, "LOSS_CHUNK_MIN_ROWS", 16)
+    monkeypatch.setattr(kernels, "LOSS_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "LOSS_CHUNK_MIN_ROWS", 16)
     model = tiny_model().train()
     reference, reference_grads = loss_and_grads(model, skip_logits=False, **inputs)
     fused, fused_grads = loss_and_grads(model, skip_logits=True, **inputs)
@@ -50,8 +50,8 @@ def test_fused_loss_equals_transformers_loss_in_fp32(monkeypatch, inputs):
 
 
 def test_fused_loss_under_bf16_autocast_stays_within_bf16_tolerance(monkeypatch):
-    monkeypatch.setattr(modeling, "LOSS_CHUNK_MIN_ROWS", 16)
-    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "LOSS_CHUNK_MIN_ROWS", 16)
+    monkeypatch.setattr(kernels, "LOSS_CHUNK_ELEMENTS", 1)
     model = tiny_model().train()
     labels = masked_labels()
     reference, reference_grads = loss_and_grads(model, skip_logits=False, autocast=True, labels=labels)
@@ -64,10 +64,18 @@ def test_fused_loss_under_bf16_autocast_stays_within_bf16_tolerance(monkeypatch)
 
 def test_loss_without_gradients_matches_and_computes_none():
     model = tiny_model().train()
+
+    def loss_and_matmuls(**options):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            loss = model(IDS, labels=masked_labels(), **options).loss
+        return loss, sum(event.name == "aten::mm" for event in profiler.events())
+
+    _, matmuls_with_gradients = loss_and_matmuls()  # the fused loss computes its gradients during forward
     with torch.no_grad():
-        fused = model(IDS, labels=masked_labels()).loss
-        reference = model(IDS, labels=masked_labels(), skip_logits=False).loss
+        fused, fused_matmuls = loss_and_matmuls()
+        reference, _ = loss_and_matmuls(skip_logits=False)
     torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-6)
+    assert fused_matmuls < matmuls_with_gradients
 
 
 def test_logits_are_skipped_only_when_training_with_labels():
@@ -129,10 +137,10 @@ def attention_and_grads(attention, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_causal_attention_matches_sdpa(monkeypatch, dtype):
-    monkeypatch.setattr(modeling, "ATTENTION_BLOCK", 8)  # 21 positions: two full blocks and a partial one
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)  # 21 positions: two full blocks and a partial one
     exact = attention_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), torch.float64)
     sdpa = attention_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), dtype)
-    block = attention_and_grads(lambda q, k, v: modeling.BlockCausalAttention.apply(q, k, v, 8**-0.5), dtype)
+    block = attention_and_grads(lambda q, k, v: kernels.BlockCausalAttention.apply(q, k, v, 8**-0.5), dtype)
     for name, reference, sdpa_result, block_result in zip(["output", "query", "key", "value"], exact, sdpa, block):
         sdpa_error = (sdpa_result - reference).abs().max()
         block_error = (block_result - reference).abs().max()
@@ -142,9 +150,10 @@ def test_block_causal_attention_matches_sdpa(monkeypatch, dtype):
             assert block_error <= 2 * sdpa_error + 2**-8 * reference.abs().max(), name
 
 
-def test_compiled_training_step_has_no_graph_break_and_matches_eager(monkeypatch):
-    """Compiled on CPU, attention runs the block kernel instead of sdpa; loss and gradients stay those of eager."""
-    monkeypatch.setattr(modeling, "ATTENTION_BLOCK", 8)
+def test_block_attention_is_a_named_implementation_that_compiles_without_graph_breaks_and_matches_sdpa(monkeypatch):
+    """`attn_implementation="glade_block"` runs the block kernel for whole causal sequences (sdpa is not even traced)
+    and sdpa where a padding mask is involved; loss and gradients stay those of plain sdpa."""
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     sdpa_calls = []
 
@@ -153,10 +162,14 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(monkeypatch
         return sdpa(*args, **kwargs)
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
+    monkeypatch.setattr(kernels, "sdpa_attention_forward", recording_sdpa)
     model = tiny_model().train()
     labels = masked_labels()
     eager, eager_grads = loss_and_grads(model, skip_logits=True, labels=labels)
     assert len(sdpa_calls) == 2
+
+    model.set_attn_implementation("glade_block")
+    assert model.config._attn_implementation == "glade_block"
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
     model.zero_grad(set_to_none=True)
     loss = compiled(IDS, labels=labels).loss
@@ -165,3 +178,27 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(monkeypatch
     torch.testing.assert_close(loss, eager.loss, atol=1e-5, rtol=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    padding = torch.ones_like(IDS)
+    padding[0, :5] = 0
+    with torch.no_grad():
+        padded = model(IDS, attention_mask=padding).logits
+    assert len(sdpa_calls) == 4  # a padding mask goes to sdpa, in both layers
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(padded, model(IDS, attention_mask=padding).logits)
+
+
+@pytest.mark.parametrize("inputs", [{"labels": IDS}, {"labels": masked_labels()}], ids=["plain", "ignore_index"])
+def test_fused_loss_with_soft_capped_logits_equals_capping_the_logits(monkeypatch, inputs):
+    monkeypatch.setattr(kernels, "LOSS_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "LOSS_CHUNK_MIN_ROWS", 16)
+    model = tiny_model().train()
+    model.config.logit_softcap = 0.25  # small enough that the cap changes the loss a lot
+    reference, reference_grads = loss_and_grads(model, skip_logits=False, **inputs)
+    fused, fused_grads = loss_and_grads(model, skip_logits=True, **inputs)
+    logits = model.lm_head(model.transformer(IDS).last_hidden_state)
+    assert reference.logits.abs().max() < 0.25 < logits.abs().max()  # the reference path capped its logits
+    torch.testing.assert_close(fused.loss, reference.loss, atol=1e-6, rtol=1e-6)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+from checkpoint_helpers import rewrite_weights
 from glade.cli import main
 from glade.generate import generate
 from glade.tiny import byte_level_tokenizer, tiny_model
@@ -74,4 +75,11 @@ def test_cli_bad_arguments_exit_with_a_message(argv, message, capsys):
 def test_missing_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "Hi", "--model", str(tmp_path / "nowhere")])
-    assert "nowhere" in capsys.readouterr().err
+    assert f"glade generate: error: model directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_weights(checkpoint, capsys):
+    rewrite_weights(checkpoint, lambda tensors: tensors.pop("transformer.h.0.attn.c_proj.weight"))
+    with pytest.raises(SystemExit):
+        main(["generate", "Hi", "--model", str(checkpoint)])
+    assert "does not match its config: missing transformer.h.0.attn.c_proj.weight" in capsys.readouterr().err

@@ -84,12 +84,14 @@ def test_text_generation_pipeline(model, tokenizer, batched):
     tokenizer.padding_side = "left"
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     prompts = ["Once upon a time", "Hi"] if batched else "Once upon a time"
-    results = generator(prompts, max_new_tokens=5, do_sample=False, batch_size=2)
+    results = generator(prompts, max_new_tokens=5, do_sample=False, batch_size=2, return_tensors=True)
+    texts = generator(prompts, max_new_tokens=5, do_sample=False, batch_size=2)
     if not batched:
-        results = [results]
-        prompts = [prompts]
-    for prompt, result in zip(prompts, results):
-        text = result[0]["generated_text"]
-        assert text.startswith(prompt) and len(tokenizer(text)["input_ids"]) == len(tokenizer(prompt)["input_ids"]) + 5
-        alone = generator(prompt, max_new_tokens=5, do_sample=False)[0]["generated_text"]
-        assert text == alone
+        results, texts, prompts = [results], [texts], [prompts]
+    for prompt, result, text in zip(prompts, results, texts):
+        # Token ids, not text: five random byte tokens need not decode to text that re-encodes to five tokens.
+        ids, prompt_ids = result[0]["generated_token_ids"], tokenizer(prompt)["input_ids"]
+        assert ids[-5 - len(prompt_ids):-5] == prompt_ids  # the prompt, then five new tokens (after any padding)
+        assert text[0]["generated_text"].startswith(prompt)
+        alone = generator(prompt, max_new_tokens=5, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+        assert ids[-len(alone):] == alone  # a batch with padding gives each prompt its own continuation

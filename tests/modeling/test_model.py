@@ -12,6 +12,7 @@ from transformers import (
 )
 
 import glade
+from architectures import ARCHITECTURES
 from glade.tiny import tiny_config, tiny_model
 
 
@@ -74,8 +75,7 @@ def test_changing_a_token_changes_no_earlier_logit(model):
 
 
 @torch.no_grad()
-def test_eager_sdpa_and_flex_agree_with_padding():
-    model = tiny_model()
+def test_eager_sdpa_and_flex_agree_with_padding(model):
     ids = torch.randint(0, 256, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding in row 0
@@ -142,11 +142,12 @@ def test_loss_matches_shifted_cross_entropy_and_num_items_in_batch(model):
     torch.testing.assert_close(halved, reference / 2)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_gradient_checkpointing_gives_the_same_gradients(architecture):
     ids = torch.randint(0, 256, (2, 16))
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(n_layer=3).train()
+        model = tiny_model(n_layer=3, **ARCHITECTURES[architecture]).train()
         if checkpointing:
             model.activation_checkpointing_enable()
             assert model.transformer.h[0].gradient_checkpointing
@@ -165,7 +166,8 @@ def test_dropout_is_active_in_train_mode_only():
         assert not torch.allclose(model(ids).logits, model(ids).logits)
 
 
-def test_resize_token_embeddings_keeps_the_tie(model):
+def test_resize_token_embeddings_keeps_the_tie(gpt2_model):
+    model = gpt2_model
     model.resize_token_embeddings(300)
     assert model.config.vocab_size == 300
     assert model.lm_head.weight.shape == (300, 64)
@@ -181,8 +183,7 @@ def test_sequence_classification_head_runs(model):
     assert out.logits.shape == (2, 3) and out.loss.isfinite()
 
 
-def test_compiles_without_graph_breaks():
-    model = tiny_model()
+def test_compiles_without_graph_breaks(model):
     ids = torch.randint(0, 256, (2, 8))
     with torch.no_grad():
         eager_logits = model(ids).logits

@@ -35,7 +35,8 @@ def test_saved_files_carry_auto_map_and_generation_config(tmp_path, model):
         "AutoModel": "modeling_glade.GladeModel",
         "AutoModelForCausalLM": "modeling_glade.GladeForCausalLM",
     }
-    assert (tmp_path / "configuration_glade.py").is_file() and (tmp_path / "modeling_glade.py").is_file()
+    for remote_code in ("configuration_glade.py", "modeling_glade.py", "kernels_glade.py"):
+        assert (tmp_path / remote_code).is_file(), remote_code
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 256
 
@@ -86,7 +87,8 @@ def test_truncated_weights_file_names_the_checkpoint(tmp_path, model):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_old_mask_buffers_are_ignored_but_real_biases_are_reported(tmp_path, model):
+def test_old_mask_buffers_are_ignored_but_real_biases_are_reported(tmp_path, gpt2_model):
+    model = gpt2_model
     from safetensors.torch import save_file
 
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}

@@ -255,3 +255,57 @@ def test_eval_batches_are_disjoint_and_the_same_size_on_every_rank():
     assert sum(len(b) for b in eval_batches(100, 4, 1, 0, max_batches=2)) == 8
     with pytest.raises(ValueError, match="fewer than the 3 processes"):
         eval_batches(2, 4, 3, 0, None)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+@pytest.mark.parametrize("name, content", [
+    ("latin1.txt", "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.\n".encode("latin-1")),
+    ("binary.txt", bytes(range(256)) * 4),
+    ("latin1.jsonl", json.dumps({"text": "Caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n"),
+], ids=["latin1-text", "binary-text", "latin1-jsonl"])
+def test_a_file_that_is_not_utf8_is_named(name, content, streaming, tmp_path):
+    good = tmp_path / f"good{Path(name).suffix}"
+    good.write_text(json.dumps({"text": "fine"}) + "\n" if name.endswith(".jsonl") else "fine\n")
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"data file {bad} is not UTF-8 text \(a binary file, or text in another "
+                                         r"encoding such as Latin-1\)"):
+        tokenize_to_cache(resolve_source([str(good), str(bad)]), byte_level_tokenizer(), tmp_path / "cache",
+                          streaming=streaming, show_progress=False)
+
+
+@pytest.mark.parametrize("metadata", ["not json at all", "[1, 2]", json.dumps({"num_tokens": 3})])
+def test_damaged_cache_metadata_is_named(metadata, jsonl, tmp_path):
+    tokenizer, cache = byte_level_tokenizer(), tmp_path / "cache"
+    token_file = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+    meta = cache / f"{token_file.key}.json"
+    meta.write_text(metadata)
+    with pytest.raises(ValueError, match=rf"the token cache entry {meta} is damaged \(.+\): delete it and "
+                                         rf"{token_file.key}.bin to tokenize again"):
+        tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+
+
+def other_eos(tokenizer):
+    """The same vocabulary and merges, but documents end with another token."""
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(len(tokenizer) - 1)
+    assert tokenizer.eos_token_id == len(tokenizer) - 1
+    return tokenizer
+
+
+def other_merges(tokenizer):
+    """The same vocabulary size and end-of-text token, but different ids for the same text."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["model"]["merges"] = spec["model"]["merges"][:-200]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   eos_token=tokenizer.eos_token)
+
+
+@pytest.mark.parametrize("change", [other_eos, other_merges])
+def test_a_cache_entry_of_another_tokenizer_is_not_used(change, bpe_tokenizer_dir, shakespeare, tmp_path):
+    source, cache = resolve_source([str(shakespeare)]), tmp_path / "cache"
+    tokenize_to_cache(source, AutoTokenizer.from_pretrained(bpe_tokenizer_dir), cache, show_progress=False)
+    other = change(AutoTokenizer.from_pretrained(bpe_tokenizer_dir))
+    assert len(other) == 512
+    tokens = tokenize_to_cache(source, other, cache, show_progress=False).tokens()
+    assert tokens.tolist() == expected_tokens(other, [shakespeare.read_text()])
+    assert len(list(cache.glob("*.bin"))) == 2

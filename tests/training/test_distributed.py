@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 import random
 import re
 import signal
@@ -118,11 +119,12 @@ def check_single_export(output: Path, stdout: str, stderr: str, distributed_type
     assert stdout.count("glade pretrain: 2 process(es)") == 1
     assert f"2 process(es), {distributed_type}" in stdout
     assert stdout.count("saved ") == 1 and len(re.findall(r"\| 0/\d+ \[[^]]*step/s\]", stderr)) == 1  # one step bar
-    assert not [p.name for p in output.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in output.iterdir() if p.name.startswith(".")] == [".lock"]
     final = output / "final"
     assert {p.name for p in final.iterdir()} == {
         "README.md", "config.json", "configuration_glade.py", "generation_config.json", "loss_curve.png",
-        "metrics.jsonl", "model.safetensors", "modeling_glade.py", "tokenizer.json", "tokenizer_config.json"}
+        "metrics.jsonl", "model.safetensors", "modeling_glade.py", "kernels_glade.py", "tokenizer.json",
+        "tokenizer_config.json"}
     auto_map = json.loads((final / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_glade.GladeForCausalLM"
 
@@ -164,6 +166,56 @@ def test_two_cpu_processes_shard_the_data_match_one_process_and_export_once(
     assert model.state_dict().keys() == gathered.keys()
     for name, tensor in model.state_dict().items():
         assert tensor.equal(gathered[name]), name
+
+
+def test_a_launch_into_a_folder_in_use_stops_on_every_rank(base_options, argv, training_env, tmp_path):
+    from glade.training.pretrain import lock_output_dir
+
+    output = tmp_path / "busy"
+    output.mkdir()
+    lock = lock_output_dir(output)  # held by this process, as by another run's main process
+    try:
+        result = subprocess.run(
+            launch_command(DDP, {**base_options, "max_steps": STEPS, "output_dir": output}, argv),
+            env=launch_env("ddp", training_env), capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        lock.close()
+    assert result.returncode != 0
+    refusal = (f"glade pretrain: error: output directory {output} is in use by another glade pretrain run "
+               f"(process {os.getpid()})")
+    assert result.stderr.count(refusal) == 2  # rank 1 stops with the main process's verdict, not on a timeout
+    assert not base_options["cache_dir"].exists()  # before tokenizing
+
+
+def test_muon_on_two_cpu_processes_matches_one_process(
+    base_options, argv, training_env, pretrain_subprocess, tmp_path
+):
+    """Under DDP every rank holds the whole, all-reduced gradient, so Muon orthogonalises the same matrices.
+
+    The reference accumulates the two ranks' micro-batches in one thread, which sums the gradient as gloo's
+    all-reduce does: Muon's bf16 Newton-Schulz (torch's) turns the last-bit differences of another summation
+    order (even one process on 1 vs 2 threads) into weight differences near 1e-3, where AdamW's stay below 1e-4.
+    """
+    options = {**base_options, "max_steps": STEPS, "batch_size": 2, "optimizer": "muon"}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    # Evaluation batches are per process: the reference scores the blocks of both ranks.
+    pretrain_subprocess({**options, "grad_accum": 2, "eval_batches": 2 * options["eval_batches"], "output_dir": single})
+    accelerate_launch(DDP, {**options, "output_dir": ddp}, argv, launch_env("ddp", training_env))
+    compare_with_single_process(ddp, single, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("launcher", launchers("fsdp", "deepspeed-zero2"))
+def test_muon_refuses_to_start_when_weight_matrices_are_sharded(launcher, base_options, argv, training_env, tmp_path):
+    launch_args, distributed_type = LAUNCHERS[launcher]
+    options = {**base_options, "max_steps": STEPS, "optimizer": "muon"}
+    result = subprocess.run(launch_command(launch_args, options, argv), env=launch_env(launcher, training_env),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    sharding = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[distributed_type]
+    assert (f"glade pretrain: error: --optimizer muon needs whole weight matrices, but {sharding} shards them across "
+            "processes: use DDP or --optimizer adamw") in result.stderr
+    assert not options["cache_dir"].exists()  # refused before tokenizing, let alone training
 
 
 # `glade pretrain` that SIGKILLs its whole launch (the launcher and every rank) once the main process has logged a

@@ -22,7 +22,7 @@ METRICS = [{"step": 20, "train_loss": 5.5, "lr": 1e-3, "tokens_seen": 2560, "tok
            {"step": 20, "val_loss": 5.4, "val_ppl": 221.406, "val_bpb": 7.79},
            {"step": 40, "train_loss": 5.3, "lr": 5e-4, "tokens_seen": 5120, "tokens_per_sec": 910.0},
            LAST_EVAL]
-REMOTE_CODE = ["configuration_glade.py", "modeling_glade.py"]
+REMOTE_CODE = ["configuration_glade.py", "modeling_glade.py", "kernels_glade.py"]
 
 
 @pytest.fixture

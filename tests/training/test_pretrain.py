@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from checkpoint_helpers import rewrite_weights
 from glade.cli import main as glade_main
-from glade.tiny import tiny_model
+from glade.tiny import byte_level_tokenizer, tiny_model
 from glade.training.data import eval_batches, resolve_source, split_train_val, tokenize_to_cache
-from glade.training.pretrain import forward_backward
+from glade.training.pretrain import PretrainConfig, TrainingDiverged, build_parser, forward_backward, pretrain
 from glade.training.tokenizer import token_byte_lengths
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,7 +75,8 @@ def test_pretraining_learns_and_exports_a_pipeline_ready_model(base_options, arg
     assert read_jsonl(final / "metrics.jsonl") == records
     assert not {"is_local", "local_files_only"} & json.loads((final / "tokenizer_config.json").read_text()).keys()
     assert "val_bpb" in (final / "README.md").read_text() or "bits per byte" in (final / "README.md").read_text()
-    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-200", "final", "loss_curve.png", "metrics.jsonl"]
+    assert sorted(p.name for p in output.iterdir()) == [".lock", "checkpoint-200", "final", "loss_curve.png",
+                                                       "metrics.jsonl"]
 
 
 def test_gradient_accumulation_weights_micro_batches_by_their_real_targets(fresh_accelerate):
@@ -135,6 +137,13 @@ def misspelt_config(tmp_path):
     return path
 
 
+def damaged_model(tmp_path):
+    path = tmp_path / "vocab-257-model"
+    byte_level_tokenizer().save_pretrained(path)
+    rewrite_weights(path, lambda tensors: tensors.pop("transformer.h.1.mlp.c_proj.weight"))
+    return path
+
+
 BAD_INPUTS = {
     "missing data file": (lambda t: {"data": [t / "missing.txt"]}, r"data file .*missing.txt does not exist"),
     "empty dataset": (lambda t: {"data": [empty_jsonl(t)]}, r"has no text in column 'text' \(empty dataset\)"),
@@ -145,8 +154,27 @@ BAD_INPUTS = {
     "unwritable output directory": (lambda t: {"output_dir": file_in_the_way(t)}, r"output directory .*a_file/run is not writable"),
     "missing tokenizer": (lambda t: {"tokenizer": t / "no-tokenizer"}, r"tokenizer directory .*no-tokenizer does not exist"),
     "misspelt config field": (lambda t: {"config": misspelt_config(t)}, r"has unknown GladeConfig field\(s\): n_layers"),
+    "init-from checkpoint missing a tensor": (
+        lambda t: {"config": None, "init_from": damaged_model(t), "tokenizer": t / "vocab-257-model"},
+        r"vocab-257-model does not match its config: missing transformer.h.1.mlp.c_proj.weight",
+    ),
     "zero learning rate": (lambda t: {"lr": 0.0}, r"--lr must be > 0, got 0.0"),
+    "zero Muon learning rate": (lambda t: {"optimizer": "muon", "muon_lr": 0.0}, r"--muon-lr must be > 0, got 0.0"),
+    "negative Muon learning rate": (lambda t: {"optimizer": "muon", "muon_lr": -0.02},
+                                    r"--muon-lr must be > 0, got -0.02"),
+    "unknown optimizer": (lambda t: {"optimizer": "sgd"},
+                          r"argument --optimizer: invalid choice: 'sgd' \(choose from '?adamw'?, '?muon'?\)"),
     "push without a repo id": (lambda t: {"push_to_hub": True}, r"--push-to-hub needs --hub-model-id"),
+    # Values that used to fail only at export, after training, or not at all.
+    "shard size that is not a size": (lambda t: {"max_shard_size": "banana"},
+                                      r"--max-shard-size must be a size such as 2GB, 500MB or 100KB, got 'banana'"),
+    "negative warmup": (lambda t: {"warmup_steps": -5}, r"--warmup-steps must be >= 0, got -5"),
+    "negative gradient clip": (lambda t: {"grad_clip": -1}, r"--grad-clip must be >= 0, got -1.0"),
+    "negative weight decay": (lambda t: {"weight_decay": -1}, r"--weight-decay must be >= 0, got -1.0"),
+    "negative beta1": (lambda t: {"beta1": -0.1}, r"--beta1 must be in \[0, 1\), got -0.1"),
+    "beta2 of one": (lambda t: {"beta2": 1}, r"--beta2 must be in \[0, 1\), got 1.0"),
+    "dropout of one": (lambda t: {"dropout": 1}, r"--dropout must be in \[0, 1\), got 1.0"),
+    "NaN learning rate": (lambda t: {"lr": "nan"}, r"--lr must be > 0, got nan"),
 }
 
 
@@ -171,7 +199,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(base_options, argv, c
 
 
 def test_gradient_checkpointing_gives_the_same_training_and_val_data_is_used(
-    base_options, argv, tmp_path, shakespeare, capsys, fresh_accelerate
+    base_options, tmp_path, shakespeare, capsys, fresh_accelerate
 ):
     val_data = tmp_path / "val.jsonl"
     paragraphs = shakespeare.read_text().split("\n\n")[-40:]
@@ -181,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_training_and_val_data_is_used(
         fresh_accelerate()  # a second Accelerator in this process
         options = {**base_options, "max_steps": 3, "val_data": [val_data], "gradient_checkpointing": checkpointing,
                    "output_dir": tmp_path / f"checkpointing-{checkpointing}"}
-        assert glade_main(["pretrain", *argv(options)]) == 0
+        pretrain(PretrainConfig(**options))
         runs[checkpointing] = read_jsonl(options["output_dir"] / "metrics.jsonl")
     losses = [[r["train_loss"] for r in runs[c] if "train_loss" in r] for c in (False, True)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
@@ -205,20 +233,77 @@ def test_reporting_to_a_tracker_that_is_not_installed_is_an_error(base_options, 
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_continued_pretraining_starts_from_the_given_weights(compiled, base_options, argv, tmp_path, fresh_accelerate):
-    from glade.tiny import byte_level_tokenizer
-
+def test_continued_pretraining_starts_from_the_given_weights(compiled, base_options, tmp_path, fresh_accelerate):
     start = tmp_path / "start"
     tiny_model(seed=3).save_pretrained(start)
     byte_level_tokenizer().save_pretrained(start)
     # A vanishing learning rate: the export must hold the starting weights (Adam moves each by about lr per step).
     options = {**base_options, "config": None, "init_from": start, "tokenizer": start, "max_steps": 2, "lr": 1e-12,
                "weight_decay": 0.0, "max_shard_size": "100KB", "compile": compiled}
-    assert glade_main(["pretrain", *argv(options)]) == 0
-    final = options["output_dir"] / "final"
+    final = pretrain(PretrainConfig(**options))
+    assert final == options["output_dir"] / "final"
     assert len(list(final.glob("model-*.safetensors"))) > 1 and (final / "model.safetensors.index.json").exists()
     model, loading = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     assert not loading["missing_keys"] and not loading["unexpected_keys"]  # no torch.compile wrapper names
     exported = model.state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(start).state_dict().items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-10, msg=name)
+
+
+def test_the_command_line_and_the_python_api_build_the_same_config(base_options, argv, tmp_path):
+    from_command_line = PretrainConfig.from_args(build_parser().parse_args(argv({**base_options, "max_steps": 40})))
+    assert from_command_line == PretrainConfig(**base_options, max_steps=40)  # one set of defaults
+    assert from_command_line.data == (str(base_options["data"][0]),) and from_command_line.beta2 == 0.95
+    # Resolved once, when the config is built; block_size needs the model (fit_block_size).
+    minimal = PretrainConfig(preset="glade-tiny", data=["a.txt"], tokenizer="t", output_dir=tmp_path, max_steps=400)
+    assert (minimal.min_lr, minimal.warmup_steps, minimal.block_size) == (6e-4 / 10, 20, None)
+    assert minimal.output_dir == str(tmp_path)
+    with pytest.raises(AttributeError):
+        minimal.lr = 1.0  # frozen: nothing changes a run's settings behind its back
+    with pytest.raises(ValueError, match="choose the model with exactly one of --preset, --config and --init-from"):
+        PretrainConfig(preset="glade-tiny", config="c.json", data=["a.txt"], tokenizer="t", output_dir="o",
+                       max_steps=4)
+
+
+@pytest.mark.parametrize("options, stop", [
+    ({"log_every": 5}, "training stopped at step 2: non-finite training loss"),  # step 1 made the weights NaN
+    ({"log_every": 5, "eval_every": 1}, "training stopped at step 1: non-finite validation loss"),
+], ids=["training-loss", "validation-loss"])
+def test_an_infinite_learning_rate_stops_at_the_first_non_finite_loss(
+    options, stop, base_options, argv, capsys, fresh_accelerate
+):
+    options = {**base_options, "max_steps": 8, "lr": "inf", **options}
+    with pytest.raises(SystemExit) as exit_info:
+        glade_main(["pretrain", *argv(options)])
+    assert exit_info.value.code == 2
+    assert f"glade pretrain: error: {stop} (nan or inf)" in capsys.readouterr().err
+    output = options["output_dir"]
+    assert not (output / "final").exists()
+    assert (output / "metrics.jsonl").read_text() == ""  # the first record was due at step 5 or, from evaluation, 1
+
+
+def strict_json(line: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON: {line}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_run_that_diverges_keeps_its_last_good_checkpoint_and_exports_nothing(base_options, fresh_accelerate):
+    good = {**base_options, "max_steps": 2, "save_every": 2}
+    final = pretrain(PretrainConfig(**good))
+    exported = (final / "model.safetensors").read_bytes()
+    fresh_accelerate()
+
+    # Resumed with an infinite learning rate, step 3's loss is still finite, its update is not: saving it would
+    # have replaced checkpoint-2 (--keep-last 1).
+    diverging = {**good, "max_steps": 6, "save_every": 1, "keep_last": 1, "lr": math.inf, "resume": "latest"}
+    with pytest.raises(TrainingDiverged, match=r"step 3: its update made the weights non-finite"):
+        pretrain(PretrainConfig(**diverging))
+    output = good["output_dir"]
+    assert sorted(p.name for p in output.glob("*checkpoint-*")) == ["checkpoint-2"]
+    assert (output / "checkpoint-2" / "COMPLETE").exists()
+    assert (final / "model.safetensors").read_bytes() == exported
+    records = [strict_json(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
+    assert records[-1]["lr"] is None and math.isfinite(records[-1]["train_loss"])  # lr inf: null, not Infinity

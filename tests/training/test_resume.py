@@ -7,9 +7,12 @@ import textwrap
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from glade.cli import main as glade_main
+from glade.training.metrics import read_records
+from glade.training.pretrain import PretrainConfig, pretrain
 
 N = 8  # steps before the checkpoint; runs go to 2N
 
@@ -38,12 +41,13 @@ def wait_for(condition, process, what, timeout=120):
         time.sleep(0.005)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
-    base_options, argv, pretrain_subprocess, training_env, tmp_path
+    optimizer, base_options, argv, pretrain_subprocess, training_env, tmp_path
 ):
     # Dropout on, so the resumed run must also restore the RNG states to match.
     options = {**base_options, "max_steps": 2 * N, "save_every": N, "keep_last": 0, "eval_every": N,
-               "dropout": 0.1, "mixed_precision": "bf16"}
+               "dropout": 0.1, "mixed_precision": "bf16", "optimizer": optimizer}
     straight = tmp_path / "straight"
     pretrain_subprocess({**options, "output_dir": straight})
 
@@ -118,3 +122,54 @@ def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(
     assert "the global batch (batch size x grad accum x processes) changed (global_batch_blocks was 4, now 2)" in (
         capsys.readouterr().err
     )
+
+
+def test_one_run_per_output_directory_and_a_killed_runs_lock_does_not_block_its_resume(
+    base_options, argv, pretrain_subprocess, training_env
+):
+    options = {**base_options, "max_steps": 100_000, "save_every": 5, "keep_last": 1}
+    output = options["output_dir"]
+    command = [sys.executable, "-m", "glade.training.pretrain"]
+    first = subprocess.Popen([*command, *argv(options)], env=training_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: list(output.glob("checkpoint-*/COMPLETE")), first, "the first checkpoint")
+        for second in ({}, {"resume": "latest"}):  # a new run, and a resume, while the first one trains
+            refused = subprocess.run([*command, *argv({**options, **second})], env=training_env,
+                                     capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 2, refused.stderr[-3000:]
+            assert (f"glade pretrain: error: output directory {output} is in use by another glade pretrain run "
+                    f"(process {first.pid})") in refused.stderr
+            assert first.poll() is None  # and the first one trains on
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+
+    # The killed run's lock went with it.
+    resume_at = max(int(path.name.split("-")[1]) for path in output.glob("checkpoint-*"))
+    result = pretrain_subprocess({**options, "max_steps": resume_at + 2, "resume": "latest"})
+    assert f"resumed from {output / f'checkpoint-{resume_at}'} at step {resume_at}" in result.stdout
+    assert (output / "final" / "model.safetensors").exists()
+
+
+def test_a_resumed_run_applies_its_own_learning_rates_and_weight_decay(base_options, fresh_accelerate):
+    options = {**base_options, "max_steps": 4, "save_every": 2, "keep_last": 0, "optimizer": "muon",
+               "lr": 3e-3, "muon_lr": 0.02, "weight_decay": 0.1}
+    output = options["output_dir"]
+    pretrain(PretrainConfig(**options))
+    first_lrs = {r["step"]: r["lr"] for r in read_records(output / "metrics.jsonl") if "lr" in r}
+    fresh_accelerate()
+
+    changed = {"lr": 6e-3, "muon_lr": 0.01, "weight_decay": 0.05}
+    pretrain(PretrainConfig(**{**options, **changed, "resume": str(output / "checkpoint-2")}))
+    lrs = {r["step"]: r["lr"] for r in read_records(output / "metrics.jsonl") if "lr" in r}
+    assert lrs[1] == first_lrs[1] and lrs[2] == first_lrs[2]
+    assert lrs[3] == pytest.approx(2 * first_lrs[3]) and lrs[4] == pytest.approx(2 * first_lrs[4])
+    # The optimizer state saved at step 4 holds the new values, for AdamW's groups and Muon's alike.
+    adamw, muon = (optimizer["param_groups"] for optimizer in
+                   torch.load(output / "checkpoint-4" / "optimizer.bin", weights_only=True)["optimizers"])
+    assert [(group["initial_lr"], group["weight_decay"]) for group in adamw] == [(6e-3, 0.05), (6e-3, 0.0)]
+    assert {(group["initial_lr"], group["weight_decay"]) for group in muon} == {(0.01, 0.05)}
+    card = (output / "final" / "README.md").read_text()
+    assert "| lr | 0.006 |" in card and "| muon_lr | 0.01 |" in card and "| weight_decay | 0.05 |" in card
