@@ -4,12 +4,13 @@
 
 Every row trains the same shape on the same tokens (same data order per seed) with `glade pretrain`, two runs side by
 side with one thread each, and is scored by validation bits per byte on held-out books. Phase 1 tunes the AdamW
-baseline's learning rate; phase 2 runs each option alone on top of it; phase 3 combines every option that lowered the
-baseline's bpb by more than the spread over seeds (the better of relu2 and swiglu), and that combination is the
-recipe; every option at once is run too, for comparison. The baseline and the recipe are then timed under
+baseline's learning rate; phase 2 runs each option alone on top of it, and each architecture option again on top of
+Muon; phase 3 combines Muon (if it helped) with every option that lowered its bpb by more than the spread over seeds
+(the better of relu2 and swiglu), and that combination is the recipe; every option at once is run too, for
+comparison. The baseline and the recipe are then timed under
 --compile. Writes `results.json`, `table.md` and `bpb_vs_tokens.png` to --out and prints the table. Finished runs
-in --work are reused. On 2 CPU cores the default budget (32 runs of 1.2M tokens, 2 compiled ones) takes about an
-hour.
+in --work are reused. On 2 CPU cores the default budget (50 runs of 1.2M tokens, then short speed runs) takes about
+100 minutes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Row:
     name: str
     options: dict
     lr: float
+    steps: int | None = None  # None: --steps
     runs: list[dict] = field(default_factory=list)
 
     @property
@@ -65,34 +67,26 @@ class Row:
         """Half the range over seeds."""
         return (max(self.final_bpb) - min(self.final_bpb)) / 2
 
-    @property
-    def tokens_per_sec(self) -> float:
-        return statistics.mean(run["tokens_per_sec"] for run in self.runs)
-
     def mean_curve(self) -> np.ndarray:
-        """[[tokens, bpb, train seconds], ...] averaged over seeds."""
+        """[[tokens, bpb], ...] averaged over seeds."""
         return np.mean([run["curve"] for run in self.runs], axis=0)
 
 
 def read_run(output_dir: Path) -> dict:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train_loss" in r]
-    # Training seconds at each log line: tokens since the last one over the measured rate.
-    seconds, previous_tokens, clock = {}, 0, 0.0
-    for record in train:
-        clock += (record["tokens_seen"] - previous_tokens) / record["tokens_per_sec"]
-        previous_tokens = record["tokens_seen"]
-        seconds[record["step"]] = clock
-    curve = [[r["tokens_seen"], r["val_bpb"], seconds[r["step"]]] for r in records if "val_bpb" in r]
-    # The first log interval includes warm-up work (allocation, first kernels): leave it out of the rate.
+    curve = [[r["tokens_seen"], r["val_bpb"]] for r in records if "val_bpb" in r]
+    # The first log interval includes warm-up work (allocation, first kernels, compilation): leave it out of the rate.
     steady = train[1:] or train
     return {"curve": curve, "tokens_per_sec": statistics.mean(r["tokens_per_sec"] for r in steady)}
 
 
-def train(row: Row, seed: int, args: argparse.Namespace, compiled: bool = False) -> dict:
-    """One run of `row` (reused when it already finished); `compiled`: a short torch.compile run, for speed only."""
-    output = args.work / f"{row.name}-lr{row.lr:g}-seed{seed}{'-compiled' if compiled else ''}"
-    steps = args.compiled_steps if compiled else args.steps
+def train(row: Row, seed: int, args: argparse.Namespace, speed: str | None = None) -> dict:
+    """One run of `row` (reused when it already finished); `speed` ("eager" or "compiled"): a short run that only
+    measures tokens/s."""
+    output = args.work / f"{row.name}-lr{row.lr:g}-seed{seed}{f'-{speed}' if speed else ''}"
+    steps = args.speed_steps if speed else row.steps or args.steps
+    compiled = speed == "compiled"
     if not (output / "final").is_dir():
         model_fields = {k: v for k, v in row.options.items() if k != "optimizer"}
         config = args.work / f"{output.name}.json"
@@ -124,12 +118,13 @@ def run_rows(rows: list[Row], args: argparse.Namespace) -> None:
         row.runs.append(run)
 
 
-def compiled_speeds(rows: list[Row], args: argparse.Namespace) -> dict[str, float]:
-    """Tokens/s of each row under `--compile` (as `glade pretrain --compile` trains), the rows side by side; the
-    first log interval, which holds the compilation, is left out."""
+def speeds(rows: list[Row], args: argparse.Namespace, speed: str) -> dict[str, float]:
+    """Tokens/s of each row in short runs side by side, eager or under `--compile` (as `glade pretrain --compile`
+    trains); the first log interval (warm-up, compilation) is left out. Measured apart from the ablation's runs,
+    so that the machine's other work then does not blur them."""
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda row: train(row, args.seeds[0], args, compiled=True), rows))
-    return {row.name: run["tokens_per_sec"] for row, run in zip(rows, runs)}
+        runs = list(pool.map(lambda row: train(row, args.seeds[0], args, speed=speed), rows))
+    return {f"{row.name}, lr {row.lr:g}": run["tokens_per_sec"] for row, run in zip(rows, runs)}
 
 
 def helps(row: Row, baseline: Row) -> bool:
@@ -137,20 +132,20 @@ def helps(row: Row, baseline: Row) -> bool:
     return row.mean_bpb < baseline.mean_bpb - max(row.spread, baseline.spread)
 
 
-def tokens_to_reach(curve: np.ndarray, target: float, column: int) -> float | None:
-    """Tokens (column 0) or seconds (column 2) at which the curve first reaches `target` bpb, interpolated."""
-    for (x0, y0), (x1, y1) in zip(curve[:-1, [column, 1]], curve[1:, [column, 1]]):
+def tokens_to_reach(curve: np.ndarray, target: float) -> float | None:
+    """Tokens at which the curve first reaches `target` bpb, interpolated between evaluations."""
+    for (x0, y0), (x1, y1) in zip(curve[:-1], curve[1:]):
         if y1 <= target:
             return float(x0 + (x1 - x0) * (y0 - target) / (y0 - y1)) if y0 > target else float(x0)
     return None
 
 
-def table(rows: list[Row], baseline: Row) -> str:
+def table(rows: list[Row], baseline: Row, eager: dict[str, float]) -> str:
     lines = ["| row | val bpb (mean ± half-range) | Δ vs best baseline | tokens/s |", "|---|---|---|---|"]
     for row in rows:
+        label = f"{row.name}, lr {row.lr:g}"
         delta = row.mean_bpb - baseline.mean_bpb
-        lines.append(f"| {row.name}, lr {row.lr:g} | {row.mean_bpb:.4f} ± {row.spread:.4f} | {delta:+.4f} | "
-                     f"{row.tokens_per_sec:,.0f} |")
+        lines.append(f"| {label} | {row.mean_bpb:.4f} ± {row.spread:.4f} | {delta:+.4f} | {eager[label]:,.0f} |")
     return "\n".join(lines)
 
 
@@ -186,7 +181,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/recipe-ablation"), help="runs (reused if complete)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of 16 x 256 tokens per run")
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--compiled-steps", type=int, default=100, help="steps of the compiled speed runs")
+    parser.add_argument("--speed-steps", type=int, default=60, help="steps of the runs that measure tokens/s")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     args = parser.parse_args()
@@ -198,34 +193,43 @@ def main() -> int:
     baseline = min(lr_rows, key=lambda row: row.mean_bpb)
     single = [Row(name, options, baseline.lr) for name, options in OPTIONS.items()]
     run_rows(single, args)
-    helpful = [row for row in single if helps(row, baseline)]
-    activations = [row for row in helpful if row.name in ACTIVATIONS]
-    helpful = [row for row in helpful if row.name not in ACTIVATIONS] + sorted(activations, key=lambda r: r.mean_bpb)[:1]
-    recipe = Row("recipe", {k: v for row in helpful for k, v in row.options.items()}, baseline.lr)
-    # For comparison: every option at once (the better activation), helpful alone or not.
+    # The architecture options again, each alone on top of Muon: what they add to the optimizer that helps most.
+    muon = next(row for row in single if row.name == "muon")
+    on_muon = [Row(f"muon+{row.name}", {**muon.options, **row.options}, baseline.lr)
+               for row in single if row is not muon]
+    run_rows(on_muon, args)
+    reference, candidates = (muon, on_muon) if helps(muon, baseline) else (baseline, single)
+    helpful = [row for row in candidates if helps(row, reference)]
+    activations = [row for row in helpful if row.name.endswith(ACTIVATIONS)]
+    helpful = [row for row in helpful if row not in activations] + sorted(activations, key=lambda r: r.mean_bpb)[:1]
+    recipe = Row("recipe", {k: v for row in [reference, *helpful] for k, v in row.options.items()}, baseline.lr)
+    # For comparison: every option at once (swiglu as the activation), helpful alone or not.
     everything = Row("all_options", {k: v for row in single if row.name != "relu2" for k, v in row.options.items()},
                      baseline.lr)
-    run_rows([recipe, everything], args)
+    # The acceptance test itself: the recipe with 0.65x the tokens, on its own (shorter) schedule.
+    short = Row("recipe_0.65x_tokens", recipe.options, baseline.lr, steps=round(0.65 * args.steps))
+    run_rows([recipe, everything, short], args)
     recipe_options = recipe.options
 
-    rows = [*lr_rows, *single, recipe, everything]
+    rows = [*lr_rows, *single, *on_muon, recipe, everything, short]
     summary = {
         "shape": SHAPE, "steps": args.steps, "tokens_per_run": args.steps * 16 * 256, "seeds": args.seeds,
         "baseline": baseline.name, "recipe_options": recipe_options,
-        "tokens_to_baseline_bpb": tokens_to_reach(recipe.mean_curve(), baseline.mean_bpb, 0),
-        "seconds_to_baseline_bpb": tokens_to_reach(recipe.mean_curve(), baseline.mean_bpb, 2),
-        "baseline_tokens": float(baseline.mean_curve()[-1, 0]), "baseline_seconds": float(baseline.mean_curve()[-1, 2]),
-        "rows": [{**asdict(row), "mean_bpb": row.mean_bpb, "spread": row.spread,
-                  "tokens_per_sec": row.tokens_per_sec} for row in rows],
+        "tokens_to_baseline_bpb": tokens_to_reach(recipe.mean_curve(), baseline.mean_bpb),
+        "baseline_tokens": float(baseline.mean_curve()[-1, 0]),
+        "recipe_0.65x_tokens_bpb": short.mean_bpb, "baseline_bpb": baseline.mean_bpb,
+        "rows": [{**asdict(row), "mean_bpb": row.mean_bpb, "spread": row.spread} for row in rows],
     }
-    summary["compiled_tokens_per_sec"] = compiled_speeds([baseline, recipe], args)
+    eager = speeds(rows, args, "eager")
+    compiled = speeds([baseline, recipe], args, "compiled")
+    summary["eager_tokens_per_sec"], summary["compiled_tokens_per_sec"] = eager, compiled
     if summary["tokens_to_baseline_bpb"]:
         summary["token_ratio"] = summary["tokens_to_baseline_bpb"] / summary["baseline_tokens"]
-        summary["wall_clock_speedup"] = summary["baseline_seconds"] / summary["seconds_to_baseline_bpb"]
-        speeds = summary["compiled_tokens_per_sec"]
-        summary["wall_clock_speedup_compiled"] = speeds["recipe"] / speeds[baseline.name] / summary["token_ratio"]
+        for mode, measured in (("eager", eager), ("compiled", compiled)):
+            rate = measured[f"recipe, lr {recipe.lr:g}"] / measured[f"{baseline.name}, lr {baseline.lr:g}"]
+            summary[f"wall_clock_speedup_{mode}"] = rate / summary["token_ratio"]
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
-    text = table(rows, baseline)
+    text = table(rows, baseline, eager)
     (args.out / "table.md").write_text(text + "\n")
     plot(baseline, recipe, args.out / "bpb_vs_tokens.png")
     print(text)

@@ -199,3 +199,10 @@ def test_a_default_config_is_gpt2_with_every_option_off():
     model = tiny_model()
     assert isinstance(model.transformer.ln_f, torch.nn.LayerNorm) and hasattr(model.transformer, "wpe")
     assert not hasattr(model.transformer.h[0].attn, "q_norm")
+
+
+def test_the_modern_preset_is_glade_small_with_the_options_the_ablation_kept():
+    modern, small = GladeConfig.from_preset("glade-small-modern"), GladeConfig.from_preset("glade-small")
+    differences = {key for key, value in modern.to_dict().items() if small.to_dict().get(key) != value}
+    assert differences == {"positions", "rope_parameters"}  # docs/recipe.md: rotary helped, on top of Muon
+    assert modern.positions == "rotary" and modern.n_embd == small.n_embd and modern.n_layer == small.n_layer
