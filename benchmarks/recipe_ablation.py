@@ -30,6 +30,7 @@ import numpy as np
 
 SHAPE = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256}  # glade-tiny
 BASELINE_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
+SPEED_LOG_EVERY = 10
 # Each modern option alone, as GladeConfig fields (or the optimizer).
 OPTIONS: dict[str, dict] = {
     "muon": {"optimizer": "muon"},
@@ -96,7 +97,10 @@ def train(row: Row, seed: int, args: argparse.Namespace, speed: str | None = Non
             "--data", str(args.data / "children.txt"), "--val-data", str(args.data / "valid.txt"),
             "--tokenizer", str(args.tokenizer), "--output-dir", str(output), "--cache-dir", str(args.work / "cache"),
             "--max-steps", str(steps), "--batch-size", "16", "--block-size", "256", "--lr", str(row.lr),
-            "--eval-every", str(args.eval_every), "--eval-batches", "16", "--log-every", str(args.eval_every),
+            # Speed runs evaluate only after their last log line: an evaluation inside a log window would count
+            # as training time.
+            "--eval-every", "0" if speed else str(args.eval_every), "--eval-batches", "16",
+            "--log-every", str(SPEED_LOG_EVERY if speed else args.eval_every),
             "--save-every", "0", "--dropout", "0", "--seed", str(seed), "--mixed-precision", "bf16",
         ] + (["--compile"] if compiled else [])
         shutil.rmtree(output, ignore_errors=True)  # an interrupted earlier attempt: start over
