@@ -100,7 +100,8 @@ def count_parameters(config: GladeConfig) -> ParameterCount:
         ),
         position_embedding=positions,
         block_layer_norms=Component(
-            f"norms (ln_1, ln_2: {config.norm})", f"2 x ({norm_formula})" if "+" in norm_formula else f"2 x {norm_formula}",
+            f"norms (ln_1, ln_2: {config.norm})",
+            f"2 x ({norm_formula})" if "+" in norm_formula else f"2 x {norm_formula}",
             2 * norm_count,
         ),
         block_attention=_attention(config),

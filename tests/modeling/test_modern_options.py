@@ -29,9 +29,10 @@ def reference_config(glade: GladeConfig, config_class):
 
 def reference_state_dict(glade: GladeForCausalLM) -> dict[str, torch.Tensor]:
     """Glade's weights under Llama's / Qwen3's names: the fused q|k|v split, the MLP's three matrices renamed."""
-    state, names = {}, {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
-                        "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
-                        "mlp.c_gate": "mlp.gate_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+    state = {}
+    names = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
+             "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
+             "mlp.c_gate": "mlp.gate_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
     for i, block in enumerate(glade.transformer.h):
         prefix = f"model.layers.{i}."
         for name, tensor in block.state_dict().items():
@@ -121,7 +122,8 @@ def test_swiglu_has_three_matrices_of_its_own_width():
     mlp = tiny_model(activation_function="swiglu", n_inner=96).transformer.h[0].mlp
     x = torch.randn(5, 64)
     with torch.no_grad():
-        expected = mlp.c_proj(F.silu(x @ mlp.c_gate.weight.T + mlp.c_gate.bias) * (x @ mlp.c_fc.weight.T + mlp.c_fc.bias))
+        gate, up = x @ mlp.c_gate.weight.T + mlp.c_gate.bias, x @ mlp.c_fc.weight.T + mlp.c_fc.bias
+        expected = mlp.c_proj(F.silu(gate) * up)
         torch.testing.assert_close(mlp(x), expected)
     assert mlp.c_gate.weight.shape == mlp.c_fc.weight.shape == (96, 64)
 
@@ -194,8 +196,8 @@ def test_canonical_names_are_set_before_the_defaults_that_depend_on_them():
 
 def test_a_default_config_is_gpt2_with_every_option_off():
     config = GladeConfig()
-    assert (config.positions, config.norm, config.qk_norm, config.n_kv_head, config.logit_softcap, config.zero_init) == (
-        "learned", "layernorm", False, config.n_head, None, False)
+    options = (config.positions, config.norm, config.qk_norm, config.n_kv_head, config.logit_softcap, config.zero_init)
+    assert options == ("learned", "layernorm", False, config.n_head, None, False)
     model = tiny_model()
     assert isinstance(model.transformer.ln_f, torch.nn.LayerNorm) and hasattr(model.transformer, "wpe")
     assert not hasattr(model.transformer.h[0].attn, "q_norm")
