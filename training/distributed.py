@@ -22,21 +22,11 @@ from accelerate.utils.environment import parse_flag_from_env
 logger = logging.getLogger(__name__)
 
 
-def cpu_fsdp_requested() -> bool:
-    """An FSDP launch of several processes that will run on CPUs (no accelerator here, or `use_cpu`)."""
-    return (
-        parse_flag_from_env("ACCELERATE_USE_FSDP")
-        and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        and (parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
-    )
-
-
-def cpu_deepspeed_requested() -> bool:
-    return (
-        parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-        and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        and not torch.accelerator.is_available()
-    )
+def cpu_launch_of(backend: str, honour_use_cpu: bool = False) -> bool:
+    """`accelerate launch` of several processes with `backend` ("FSDP", "DEEPSPEED") that will run on CPUs: no
+    accelerator here, or (where the launcher passes it on) `use_cpu`."""
+    on_cpu = not torch.accelerator.is_available() or (honour_use_cpu and parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return parse_flag_from_env(f"ACCELERATE_USE_{backend}") and int(os.environ.get("WORLD_SIZE", "1")) > 1 and on_cpu
 
 
 def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
@@ -44,10 +34,10 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
     if mixed_precision == "bf16" and not is_bf16_available():
         logger.warning("bf16 is not supported on this device: training in fp32")
         mixed_precision = "no"
-    if cpu_deepspeed_requested():
+    if cpu_launch_of("DEEPSPEED"):
         # DeepSpeed's CPU accelerator talks over gloo; accelerate would ask for its GPU default (nccl).
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    if not cpu_fsdp_requested():
+    if not cpu_launch_of("FSDP", honour_use_cpu=True):
         return Accelerator(mixed_precision=mixed_precision, **kwargs)
     # Read the FSDP_* settings before the Accelerator exists: they describe what the launch asked for.
     plugin = FullyShardedDataParallelPlugin()

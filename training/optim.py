@@ -65,6 +65,14 @@ def muon_parameter_groups(model: nn.Module) -> list[dict]:
     return [{"params": params, "fused_output_sizes": sizes} for sizes, params in groups.items()]
 
 
+def evaluate_closure(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """The loss of an optimizer step's closure (torch's convention: recomputed with gradients enabled)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BlockwiseMuon(torch.optim.Muon):
     """torch's Muon, except that a fused projection is orthogonalised one row block at a time.
 
@@ -89,10 +97,7 @@ class BlockwiseMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -128,10 +133,7 @@ class OptimizerFamilies(torch.optim.Optimizer):
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for optimizer in self.optimizers:
             optimizer.step()
         return loss
