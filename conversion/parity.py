@@ -5,6 +5,7 @@ final LayerNorm, as GPT-2 and Glade do), and support `generate()`.
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def parity_batch(
 
 
 def _exceeds(diff: float, reference: torch.Tensor, atol: float, rtol: float) -> bool:
-    return diff > atol + rtol * reference.abs().max().item()
+    # NaN compares False with any tolerance and an infinite reference makes the tolerance infinite: both must fail.
+    return not math.isfinite(diff) or diff > atol + rtol * reference.abs().max().item()
 
 
 def _hidden_state_labels(count: int) -> list[str]:

@@ -1,13 +1,20 @@
 """`glade generate`: sample text from a Glade checkpoint through `pipeline("text-generation")`."""
 
 import argparse
+import logging
+import math
 
 import torch
 from transformers import Pipeline, pipeline
 
 from .checkpoints import add_model_argument, default_model, load_model_and_tokenizer
 
-DEFAULT_MAX_NEW_TOKENS = 50
+logger = logging.getLogger(__name__)
+
+# Length and repetition penalty are this command's own defaults, never read from a checkpoint: a generation_config.json
+# that set them would also change what every other caller gets (a max_length overridden, greedy no longer greedy).
+DEFAULT_MAX_NEW_TOKENS = 100
+DEFAULT_REPETITION_PENALTY = 1.15
 
 
 def load_generator(model: str, device: str | None = None) -> Pipeline:
@@ -19,6 +26,40 @@ def load_generator(model: str, device: str | None = None) -> Pipeline:
     return pipeline("text-generation", model=lm, tokenizer=tokenizer, device=device)
 
 
+def check_temperature(temperature: float) -> None:
+    if not 0 < temperature < math.inf:  # NaN fails this comparison too
+        raise ValueError(f"temperature must be > 0 and finite (temperature 0 is greedy decoding), got {temperature}")
+
+
+def check_sampling(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that cannot work, before a model is loaded; None means the checkpoint's value."""
+    if temperature is not None:
+        check_temperature(temperature)
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 turns top-k filtering off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 turns nucleus filtering off), got {top_p}")
+
+
+def fit_in_context(prompt_length: int, max_new_tokens: int, context: int) -> int:
+    """How many new tokens to generate after a prompt of `prompt_length` tokens: `max_new_tokens`, or, with a warning,
+    as many as the model's context of `context` positions still holds (generate() would fail at its end, after doing
+    the work). A prompt that leaves no room is a ValueError naming both lengths."""
+    if prompt_length >= context:
+        raise ValueError(
+            f"the prompt is {prompt_length} tokens long and the model's context holds {context} (n_positions), "
+            "so no token fits after it: shorten the prompt"
+        )
+    room = context - prompt_length
+    if max_new_tokens <= room:
+        return max_new_tokens
+    logger.warning(
+        "generating at most %d new tokens instead of %d: with the %d-token prompt they fill the model's context of %d "
+        "tokens (n_positions)", room, max_new_tokens, prompt_length, context,
+    )
+    return room
+
+
 def generate(
     prompts: list[str],
     model: str | None = None,
@@ -26,27 +67,39 @@ def generate(
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float | None = None,
     greedy: bool = False,
     seed: int | None = None,
     device: str | None = None,
 ) -> list[str]:
     """Continue each prompt; returns prompt + continuation for each.
 
-    Sampling settings left as None come from the checkpoint's generation config (a shipped model's card states
-    them), and `max_new_tokens` falls back to 50 where the checkpoint sets no length.
+    `max_new_tokens` defaults to 100 and `repetition_penalty` to 1.15 when sampling (1.0, off, with `greedy`),
+    whatever the checkpoint's generation config says; sampling settings left as None come from it (a shipped model's
+    card states them). Generation stops where the model's context ends, with a warning.
     """
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and temperature is not None and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy decoding for temperature 0), got {temperature}")
+    if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be > 0 and finite (1.0 turns it off), got {repetition_penalty}")
+    if not greedy:
+        check_sampling(temperature, top_k, top_p)
+    if repetition_penalty is None:
+        repetition_penalty = 1.0 if greedy else DEFAULT_REPETITION_PENALTY
     generator = load_generator(model or default_model(), device=device)
     if seed is not None:
         torch.manual_seed(seed)
-    if max_new_tokens is None:
-        max_new_tokens = generator.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    options = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
+    # A batch is padded to its longest prompt, and every row generates as many tokens.
+    longest = max(len(generator.tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts)
+    options = {
+        "max_new_tokens": fit_in_context(
+            longest, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, generator.model.config.max_position_embeddings
+        ),
+        "do_sample": not greedy,
+        "repetition_penalty": repetition_penalty,
+    }
     if not greedy:
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         options.update({name: value for name, value in sampling.items() if value is not None})
@@ -59,10 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="+", help="one or more prompts (batched together)")
     add_model_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"default: the model's generation config, else {DEFAULT_MAX_NEW_TOKENS}")
+                        help=f"default: {DEFAULT_MAX_NEW_TOKENS}, or fewer where the model's context ends")
     parser.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
     parser.add_argument("--top-k", type=int, default=None, help="default: the model's generation config")
     parser.add_argument("--top-p", type=float, default=None, help="default: the model's generation config")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help=f"default: {DEFAULT_REPETITION_PENALTY} when sampling, 1.0 (off) with --greedy")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
@@ -72,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> None:
     texts = generate(
         args.prompt, model=args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
+        seed=args.seed, device=args.device,
     )
     print("\n\n".join(texts))

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .atomic import save_figure
 from .checkpoints import add_model_argument, default_model, load_model_and_tokenizer, read_glade_config
+from .generate import check_temperature, fit_in_context
 from .modeling_glade import GladeForCausalLM
 
 # Tokens carry their whitespace (GPT-2's "Ġking" is " king"); these make it visible in tables and pictures.
@@ -112,8 +113,7 @@ def next_token_distribution(
     model: GladeForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, top_k: int = 10, temperature: float = 1.0
 ) -> NextTokenPrediction:
     """The `top_k` most probable next tokens after `prompt` under softmax(logits / temperature)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     _check_top_k(top_k, model.config.vocab_size)
     input_ids = _encode(tokenizer, prompt)
     with torch.no_grad():
@@ -128,11 +128,14 @@ def next_token_distribution(
 def generation_steps(
     model: GladeForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 10, top_k: int = 5
 ) -> list[GenerationStep]:
-    """Greedy generation one token at a time: each chosen token's probability and the `top_k` runners-up."""
+    """Greedy generation one token at a time: each chosen token's probability and the `top_k` runners-up.
+
+    It stops where the model's context ends, with a warning, after fewer than `max_new_tokens` steps."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     _check_top_k(top_k + 1, model.config.vocab_size)
     input_ids = _encode(tokenizer, prompt).to(model.device)
+    max_new_tokens = fit_in_context(input_ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
     with torch.no_grad():
         output = model.generate(
             input_ids,

@@ -12,7 +12,10 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -119,6 +122,25 @@ class LocalHub:
         repo.commits.append(commit)
         repo.branches[branch] = oid
         return commit
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """The URL of a server that accepts connections and never answers: the kernel completes the handshake for a
+    listening socket, and nobody ever reads the request."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        host, port = listener.getsockname()
+        yield f"http://{host}:{port}"
+
+
+def refusing_url() -> str:
+    """The URL of a port that was free a moment ago: nothing listens there, so connecting is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host, port = probe.getsockname()
+    return f"http://{host}:{port}"
 
 
 def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:

@@ -9,38 +9,47 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from time import sleep
 
 from accelerate import PartialState
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HTTPError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import set_client_factory, validate_repo_id
+from huggingface_hub.utils._http import default_client_factory  # the library's own client, not re-exported
+
+from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-# Besides every 5xx (the Hub failed on its side), these are worth retrying: a request timeout and throttling.
-TRANSIENT_STATUS_CODES = {408, 429}
+CARD_NAME = "README.md"
 DEFAULT_COMMIT_MESSAGE = "Upload Glade model"
+# Seconds one request may wait to connect, send or receive; a commit of many files takes the Hub a while to answer.
+DEFAULT_TIMEOUT_SECONDS = 60.0
+
+
+class HubPushError(OSError):
+    """The Hub could not be reached, or refused the upload; the message says which, in one line."""
 
 
 def check_model_folder(folder: str | Path) -> Path:
     """Raise FileNotFoundError naming what is missing unless `folder` is a complete, publishable checkpoint:
-    config.json, safetensors weights (single file or index + shards), the remote code its auto_map names, and a
-    README.md model card."""
+    config.json, safetensors weights (single file or index + shards) and the remote code its auto_map names."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: save the model with save_pretrained first")
-    required = [*_weight_files(folder), *(f"{module}.py" for module in _remote_code_modules(config_path)), "README.md"]
+    required = [*_weight_files(folder), *(f"{module}.py" for module in _remote_code_modules(config_path))]
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
-        hint = " (write the card with glade.training.model_card.write_model_card)" if "README.md" in missing else ""
-        raise FileNotFoundError(f"{folder} is missing {', '.join(missing)}{hint}")
+        raise FileNotFoundError(f"{folder} is missing {', '.join(missing)}")
     return folder
 
 
@@ -60,16 +69,6 @@ def _remote_code_modules(config_path: Path) -> list[str]:
     return sorted({ref.split(".")[0] for ref in refs if ref and "--" not in ref})
 
 
-def is_transient(error: Exception) -> bool:
-    """Whether retrying could help: connection-level failures, timeouts, throttling and server errors.
-
-    Client errors (401 bad token, 403, 404 unknown repo or revision, ...) would fail the same way again."""
-    if isinstance(error, HfHubHTTPError):
-        status = error.response.status_code
-        return status in TRANSIENT_STATUS_CODES or status >= 500
-    return isinstance(error, HTTPError)  # raised without a response: the request never completed
-
-
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -78,59 +77,105 @@ def push_folder(
     token: str | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     revision: str | None = None,
-    retries: int = 3,
-    backoff_seconds: float = 2.0,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
     endpoint: str | None = None,
 ) -> str | None:
     """Create `repo_id` if needed and upload `folder` to it in a single commit; returns the commit URL.
 
-    Under `accelerate launch` only the main process pushes; the other ranks return None at once (wait for the
-    push with `accelerator.wait_for_everyone()` if they must). Transient failures (see `is_transient`) are retried
-    up to `retries` times, sleeping `backoff_seconds`, then twice that, and so on; others raise immediately.
+    A folder without a README.md gets a model card written from its config and metrics.jsonl (see
+    `write_model_card`); the card goes into the upload, not into `folder`. Every request waits at most `timeout`
+    seconds. Retries are huggingface_hub's own (the calls it can safely repeat, at most 5 times); a failure raises
+    HubPushError with a one-line message. Under `accelerate launch` only the main process pushes; the other ranks
+    return None at once (wait for the push with `accelerator.wait_for_everyone()` if they must).
     """
     if not PartialState().is_main_process:
         return None
     validate_repo_id(repo_id)
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
     folder = check_model_folder(folder)
-    if repo_id not in (folder / "README.md").read_text(encoding="utf-8"):
-        logger.warning("the model card in %s does not mention %s; pass repo_id= to write_model_card", folder, repo_id)
-
     api = HfApi(endpoint=endpoint, token=token)
-    attempt = 0
-    while True:
+    with _folder_with_card(folder, repo_id) as upload, _request_timeout(timeout):
+        if repo_id not in (upload / CARD_NAME).read_text(encoding="utf-8"):
+            logger.warning("the model card in %s does not mention %s: its usage snippets load another id",
+                           folder, repo_id)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            # One commit for a checkpoint-sized folder. With hf_xet installed, huggingface_hub also retries the
-            # commit call itself, and splits only folders too large for one commit.
             commit = api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision,
+                repo_id=repo_id, folder_path=upload, commit_message=commit_message, revision=revision,
                 repo_type="model",
             )
-            return commit.commit_url
-        except Exception as error:
-            if attempt == retries or not is_transient(error):
-                raise
-            delay = backoff_seconds * 2**attempt
-            logger.warning("push to %s failed (%s); retrying in %.1f s", repo_id, error, delay)
-            sleep(delay)
-            attempt += 1
+        except HTTPError as error:
+            raise HubPushError(_one_line(error, repo_id, api.endpoint)) from error
+    return commit.commit_url
+
+
+@contextmanager
+def _folder_with_card(folder: Path, repo_id: str) -> Iterator[Path]:
+    """`folder` itself when it has a model card; otherwise a temporary twin of it (links to its files) with a card
+    written from what it holds, so that pushing never writes into the user's folder."""
+    if (folder / CARD_NAME).is_file():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="glade-push-") as staging:
+        twin = Path(staging)
+        for path in folder.rglob("*"):
+            if path.is_file():
+                link = twin / path.relative_to(folder)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path.resolve())
+        write_model_card(twin, repo_id=repo_id)
+        logger.warning("%s has no %s: pushing a card written from its config and metrics", folder, CARD_NAME)
+        yield twin
+
+
+@contextmanager
+def _request_timeout(seconds: float) -> Iterator[None]:
+    """Give every huggingface_hub request a deadline: its shared client waits for an answer forever (timeout=None),
+    so a server that accepts a connection and never answers would hang the push. The library's default client is
+    reinstated afterwards (a factory set earlier with `set_client_factory` is not)."""
+
+    def bounded_client_factory():
+        client = default_client_factory()
+        client.timeout = seconds
+        return client
+
+    set_client_factory(bounded_client_factory)
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)
+
+
+def _one_line(error: HTTPError, repo_id: str, endpoint: str) -> str:
+    if isinstance(error, HfHubHTTPError):
+        response = error.response
+        reason = " ".join((error.server_message or response.reason_phrase).split())
+        return (f"cannot push to {repo_id}: {endpoint} answered {response.status_code} to {response.request.method} "
+                f"{response.request.url.path}: {reason}")
+    # Raised without a response: refused or reset connections, timeouts, unknown hosts.
+    return f"cannot push to {repo_id}: no answer from {endpoint} ({type(error).__name__}: {error})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`glade push`."""
     parser.description = "Create ORG/NAME on the Hub (HF_ENDPOINT) if needed and upload DIR in one commit."
-    parser.add_argument("folder", metavar="DIR", help="a save_pretrained folder with a README.md model card")
+    parser.add_argument(
+        "folder", metavar="DIR", help="a save_pretrained folder; without a README.md, a card is written for the upload"
+    )
     parser.add_argument("repo_id", metavar="ORG/NAME", help="the Hub repository to push to")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--revision", default=None, help="branch to commit to (default: main)")
     parser.add_argument("--commit-message", default=DEFAULT_COMMIT_MESSAGE)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help=f"the longest one request may wait for the Hub (default: {DEFAULT_TIMEOUT_SECONDS:g})")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
     url = push_folder(
         args.folder, args.repo_id, private=args.private, token=args.token, commit_message=args.commit_message,
-        revision=args.revision,
+        revision=args.revision, timeout=args.timeout,
     )
     print(url)

@@ -83,8 +83,9 @@ logger = logging.getLogger("glade.pretrain")
 FINAL_DIR = "final"
 # Held (flock) by the main process of the run training in the folder; the lock dies with that process.
 LOCK_FILE = ".lock"
-# Sampling defaults shipped in final/generation_config.json, so `pipeline("text-generation")` samples sensibly.
-GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50, max_new_tokens=100)
+# Sampling defaults shipped in final/generation_config.json, so `pipeline("text-generation")` samples sensibly. Not a
+# length (it would override a caller's max_length) nor a repetition penalty (greedy would no longer be greedy).
+GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50)
 # The hyperparameters a model card lists (plus muon_lr under --optimizer muon).
 CARD_FIELDS = ("max_steps", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "warmup_steps", "weight_decay",
                "grad_clip", "mixed_precision", "seed", "optimizer")

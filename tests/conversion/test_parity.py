@@ -2,11 +2,14 @@
 
 import copy
 import json
+import math
 
 import torch
 from torch.distributions import Categorical, kl_divergence
 
+from glade.cli import main
 from glade.conversion import compare_models, convert_gpt2, parity_batch, write_parity_report
+from glade.conversion.cli import PARITY_FAILED_EXIT_CODE
 from glade.tiny import tiny_model
 
 
@@ -37,6 +40,31 @@ def test_a_perturbed_block_is_named_and_the_metrics_match_a_direct_computation()
     kl = kl_divergence(Categorical(logits=expected), Categorical(logits=actual)).mean().item()
     assert abs(report.kl_divergence - kl) <= 1e-12 and report.kl_divergence > 0
     assert report.top1_agreement == (expected.argmax(-1) == actual.argmax(-1)).double().mean().item()
+
+
+def nan_model():
+    model = tiny_model()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(math.nan)
+    return model
+
+
+def test_nan_fails_the_check_even_where_both_models_agree():
+    source = nan_model()
+    report = compare_models(source, copy.deepcopy(source), parity_batch(257, 128))
+    assert report.hidden_states_max_abs_diff["embeddings"] == 0.0
+    assert math.isnan(report.hidden_states_max_abs_diff["block 0"]) and math.isnan(report.logits_max_abs_diff)
+    assert report.first_drifting_block == "block 0"
+    assert not report.logits_within_tolerance and not report.passed
+    assert report.format().endswith("\nFAIL")
+
+
+def test_export_check_of_nan_weights_prints_fail_and_exits_non_zero(tmp_path, capsys):
+    nan_model().save_pretrained(tmp_path / "glade")
+    code = main(["export", "gpt2", str(tmp_path / "glade"), str(tmp_path / "gpt2"), "--check"])
+    out = capsys.readouterr().out
+    assert code == PARITY_FAILED_EXIT_CODE
+    assert "first block that drifts: block 0" in out and "\nFAIL\n" in out and "PASS" not in out
 
 
 def test_check_writes_the_report_beside_the_weights_and_into_the_model_card(tmp_path, gpt2_dir, capsys):

@@ -1,3 +1,6 @@
+import logging
+import math
+
 import pytest
 import torch
 
@@ -65,6 +68,16 @@ def test_generation_steps_follow_a_plain_greedy_loop(model, tokenizer, tmp_path,
     figure = plot_generation_steps(steps, tmp_path / "steps.png")
     assert_png(tmp_path / "steps.png")
     assert len(figure.axes[0].texts) == 4 * 4
+
+
+def test_steps_stop_at_the_end_of_the_context_with_a_warning(model, tokenizer, caplog):
+    context = model.config.n_positions
+    with caplog.at_level(logging.WARNING, logger="glade.generate"):
+        steps = generation_steps(model, tokenizer, "x" * (context - 3), max_new_tokens=10)  # a token per byte
+    assert len(steps) == 3
+    assert f"generating at most 3 new tokens instead of 10: with the {context - 3}-token prompt" in caplog.text
+    with pytest.raises(ValueError, match=f"the prompt is {context} tokens long and the model's context holds"):
+        generation_steps(model, tokenizer, "x" * context)
 
 
 def _layer0_attention_by_hand(model, input_ids):
@@ -156,8 +169,9 @@ def test_logit_lens_reads_every_layer_through_the_final_norm(model, tokenizer, t
 def test_bad_input_is_a_clear_error(model, tokenizer):
     with pytest.raises(ValueError, match="prompt is empty"):
         next_token_distribution(model, tokenizer, "")
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        next_token_distribution(model, tokenizer, "a", temperature=0)
+    for temperature in (0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            next_token_distribution(model, tokenizer, "a", temperature=temperature)
     with pytest.raises(ValueError, match="top_k must be between 1 and the vocabulary size 257"):
         next_token_distribution(model, tokenizer, "a", top_k=0)
     with pytest.raises(ValueError, match=r"layer 2 is out of range: this model has 2 layers, numbered 0\.\.1"):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,14 @@ def test_layer_norm_epsilon_is_what_every_layer_norm_computes_with():
         ({"n_layer": 2.5}, r"n_layer must be an int, got 2.5 \(float\)"),
         ({"bias": "yes"}, r"bias must be a bool"),
         ({"layer_norm_epsilon": 0.0}, r"layer_norm_epsilon must be positive"),
+        ({"layer_norm_epsilon": math.nan}, r"layer_norm_epsilon must be a finite number, got nan"),
+        ({"layer_norm_epsilon": math.inf}, r"layer_norm_epsilon must be a finite number, got inf"),
+        ({"initializer_range": math.nan}, r"initializer_range must be a finite number, got nan"),
+        ({"attn_pdrop": math.nan}, r"attn_pdrop must be a finite number, got nan"),
+        ({"logit_softcap": math.inf}, r"logit_softcap must be a positive number or None, got inf"),
+        ({"logit_softcap": math.nan}, r"logit_softcap must be a positive number or None, got nan"),
+        ({"positions": "rotary", "rope_parameters": {"rope_type": "default", "rope_theta": math.nan}},
+         r"rope_parameters\['rope_theta'\] must be a positive finite number, got nan"),
     ],
 )
 def test_bad_config_values_raise_naming_the_field(fields, message):

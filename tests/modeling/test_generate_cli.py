@@ -1,3 +1,5 @@
+import json
+import logging
 import subprocess
 import sys
 
@@ -6,7 +8,7 @@ import torch
 
 from checkpoint_helpers import rewrite_weights
 from glade.cli import main
-from glade.generate import generate
+from glade.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, generate
 from glade.tiny import byte_level_tokenizer, tiny_model
 
 
@@ -31,16 +33,71 @@ def test_seeded_sampling_is_reproducible(checkpoint):
     assert all(text.startswith(prompt) for text, prompt in zip(first, ["Hi", "Yo"]))
 
 
-def test_unset_options_come_from_the_checkpoints_generation_config(checkpoint):
+def greedy_continuation(prompt: str, max_new_tokens: int) -> str:
+    """The tiny model's own greedy continuation, through model.generate (not the pipeline)."""
+    tokenizer = byte_level_tokenizer()
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    output = tiny_model().generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=256
+    )
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def save_generation_config(checkpoint, **settings) -> None:
     model = tiny_model()
-    # Near-zero temperature samples the argmax, so an honoured config makes sampling reproduce greedy decoding.
-    model.generation_config.update(do_sample=True, temperature=1e-3, top_k=0, max_new_tokens=7)
+    model.generation_config.update(**settings)
     model.generation_config.save_pretrained(checkpoint)
-    greedy = generate(["Hello"], model=str(checkpoint), greedy=True)
-    assert len(greedy[0]) == len("Hello") + 7  # one byte per token
-    assert all(generate(["Hello"], model=str(checkpoint), seed=seed) == greedy for seed in range(3))
-    explicit = [generate(["Hello"], model=str(checkpoint), seed=seed, top_k=200, temperature=5.0) for seed in range(3)]
+
+
+def test_unset_sampling_options_come_from_the_checkpoints_generation_config(checkpoint):
+    # Near-zero temperature samples the argmax, so an honoured config makes sampling reproduce greedy decoding.
+    save_generation_config(checkpoint, do_sample=True, temperature=1e-3, top_k=0)
+    options = dict(model=str(checkpoint), max_new_tokens=7, repetition_penalty=1.0)
+    greedy = generate(["Hello"], greedy=True, **options)
+    assert greedy == [greedy_continuation("Hello", 7)]
+    assert all(generate(["Hello"], seed=seed, **options) == greedy for seed in range(3))
+    explicit = [generate(["Hello"], seed=seed, top_k=200, temperature=5.0, **options) for seed in range(3)]
     assert any(text != greedy for text in explicit)
+
+
+def test_length_and_repetition_penalty_are_glade_generates_own_not_the_checkpoints(checkpoint):
+    # A generation config may still carry them (older checkpoints did): they must not drive `glade generate`.
+    save_generation_config(checkpoint, do_sample=True, temperature=0.7, max_new_tokens=7, repetition_penalty=3.0)
+
+    def sample(**options) -> list[str]:
+        return generate(["Hello"], model=str(checkpoint), seed=0, **options)
+
+    defaults = sample()
+    assert defaults == sample(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, repetition_penalty=DEFAULT_REPETITION_PENALTY)
+    assert defaults != sample(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, repetition_penalty=1.0)
+    assert generate(["Hello"], model=str(checkpoint), greedy=True) == [
+        greedy_continuation("Hello", DEFAULT_MAX_NEW_TOKENS)
+    ]
+
+
+def test_a_checkpoint_without_length_or_penalty_gets_the_commands_defaults(checkpoint, capsys):
+    generation_config = json.loads((checkpoint / "generation_config.json").read_text())
+    assert not {"max_new_tokens", "max_length", "repetition_penalty"} & set(generation_config)
+    assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy"]) == 0
+    assert capsys.readouterr().out == greedy_continuation("Hello", DEFAULT_MAX_NEW_TOKENS) + "\n"
+
+
+def test_generation_stops_at_the_end_of_the_context_and_keeps_the_text(checkpoint, caplog):
+    prompt = "x" * 120  # one byte, one token: 8 of the tiny model's 128 positions are left
+    with caplog.at_level(logging.WARNING, logger="glade.generate"):
+        texts = generate([prompt, "short"], model=str(checkpoint), max_new_tokens=20, greedy=True)
+    assert texts[0] == greedy_continuation(prompt, 8)
+    assert texts[1].startswith("short")
+    assert ("generating at most 8 new tokens instead of 20: with the 120-token prompt they fill the model's context "
+            "of 128 tokens (n_positions)") in caplog.text
+
+
+def test_a_prompt_that_fills_the_context_is_an_error_naming_both_lengths(checkpoint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x" * 130, "--model", str(checkpoint)])
+    assert exit_info.value.code == 2
+    assert ("glade generate: error: the prompt is 130 tokens long and the model's context holds 128 (n_positions), "
+            "so no token fits after it: shorten the prompt") in capsys.readouterr().err
 
 
 def test_cli_prints_the_continuation(checkpoint, capsys):
@@ -63,6 +120,13 @@ def test_console_script_runs_the_default_model():
         (["generate", "", "--model", "tiny-random"], "at least one non-empty prompt"),
         (["generate", "Hi", "--model", "tiny-random", "--temperature", "0"], "temperature must be > 0"),
         (["generate", "Hi", "--model", "tiny-random", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["generate", "Hi", "--temperature", "inf"], "temperature must be > 0 and finite"),
+        (["generate", "Hi", "--temperature", "nan"], "temperature must be > 0 and finite"),
+        (["generate", "Hi", "--top-p", "2"], "top_p must be in (0, 1] (1 turns nucleus filtering off), got 2.0"),
+        (["generate", "Hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", "Hi", "--top-k", "-1"], "top_k must be >= 0 (0 turns top-k filtering off), got -1"),
+        (["generate", "Hi", "--repetition-penalty", "0"], "repetition_penalty must be > 0 and finite"),
+        (["generate", "Hi", "--greedy", "--repetition-penalty", "nan"], "repetition_penalty must be > 0 and finite"),
     ],
 )
 def test_cli_bad_arguments_exit_with_a_message(argv, message, capsys):

@@ -1,20 +1,23 @@
 import json
+import logging
 import os
-import socket
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import huggingface_hub.constants
+import huggingface_hub.utils._http
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import HfHubHTTPError, HTTPError
-from hub_server import LocalHub
+from huggingface_hub.errors import HfHubHTTPError
+from hub_server import LocalHub, refusing_url, silent_server
 from subprocess_helpers import last_json_line, run_without_glade
 
 import glade.training.hub as hub_module
 from glade.cli import main as glade_main
-from glade.training.hub import push_folder
+from glade.training.hub import HubPushError, push_folder
 from glade.training.model_card import write_model_card
 
 LAST_EVAL = {"step": 40, "val_loss": 5.25, "val_ppl": 190.5662, "val_bpb": 7.5742}
@@ -26,14 +29,23 @@ REMOTE_CODE = ["configuration_glade.py", "modeling_glade.py", "kernels_glade.py"
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    # The suite runs offline; this Hub is a local process on 127.0.0.1, so in-process clients may talk to it.
+def online(monkeypatch):
+    # The suite runs offline; the servers these tests talk to are local, on 127.0.0.1.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    # With hf_xet installed, upload_folder's pipeline retries a failed commit itself (1 s, 2 s, ... up to 5 times);
-    # the plain single-commit path lets the failures the server injects reach push_folder's own retry loop.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+
+
+@pytest.fixture
+def hub(tmp_path, online):
     with LocalHub(tmp_path / "hub") as server:
         yield server
+
+
+@pytest.fixture
+def library_waits(monkeypatch):
+    """The waits of huggingface_hub's own retries (1 s, 2 s, 4 s, 8 s, 8 s), recorded instead of slept."""
+    waits = []
+    monkeypatch.setattr(huggingface_hub.utils._http, "time", SimpleNamespace(sleep=waits.append))
+    return waits
 
 
 @pytest.fixture
@@ -46,11 +58,12 @@ def model_dir(tmp_path, model, tokenizer):
     return directory
 
 
-@pytest.fixture
-def sleeps(monkeypatch):
-    delays = []
-    monkeypatch.setattr(hub_module, "sleep", delays.append)
-    return delays
+def push_from_the_command_line(monkeypatch, endpoint: str, *argv: str) -> int:
+    """Run `glade push ARGV...` in this process against `endpoint`; returns its exit code."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets at import
+    with pytest.raises(SystemExit) as exited:
+        glade_main(["push", *argv])
+    return exited.value.code
 
 
 def hub_env(hub: LocalHub, tmp_path, token: str) -> dict[str, str]:
@@ -117,51 +130,104 @@ def test_glade_push_publishes_a_model_that_loads_without_glade(hub, model_dir, m
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected_logits, rtol=0, atol=1e-5)
 
 
-def test_transient_errors_are_retried_with_exponential_backoff(hub, model_dir, sleeps):
+def test_a_transient_failure_is_retried_by_huggingface_hub_alone(hub, model_dir, library_waits):
     hub.fail_commits = 2
-    url = push_folder(model_dir, "org/retried", token=hub.token, endpoint=hub.url, retries=3, backoff_seconds=0.5)
+    url = push_folder(model_dir, "org/retried", token=hub.token, endpoint=hub.url)
     head = hub.repos["org/retried"].branches["main"]
     assert url == f"{hub.url}/org/retried/commit/{head}"
     assert hub.count("POST", r"/api/models/org/retried/commit/main") == 3
-    assert sleeps == [0.5, 1.0]
+    assert library_waits == [1, 2]
     assert hub.files("org/retried")["model.safetensors"] == (model_dir / "model.safetensors").read_bytes()
 
 
-def test_retries_give_up_with_the_last_error(hub, model_dir, sleeps):
-    hub.fail_commits = 10
-    with pytest.raises(HfHubHTTPError) as raised:
-        push_folder(model_dir, "org/down", token=hub.token, endpoint=hub.url, retries=2, backoff_seconds=1.0)
-    assert raised.value.response.status_code == 503
-    assert hub.count("POST", r"/api/models/org/down/commit/main") == 3
-    assert sleeps == [1.0, 2.0]
+def test_a_hub_answering_503_is_tried_a_bounded_number_of_times_then_one_line_error(
+    hub, model_dir, library_waits, monkeypatch, capsys
+):
+    hub.fail_commits = 100
+    code = push_from_the_command_line(monkeypatch, hub.url, str(model_dir), "org/down", "--token", hub.token)
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert error.splitlines()[-1] == (
+        f"glade push: error: cannot push to org/down: {hub.url} answered 503 to POST /api/models/org/down/commit/main: "
+        "Service Unavailable"
+    )
+    # huggingface_hub retries a commit at most 5 times and Glade adds no layer on top (it did: 4 x 6 attempts, 112 s).
+    assert hub.count("POST", r"/api/models/org/down/commit/main") == 6
+    assert sum(library_waits) == 23
 
 
-def test_connection_errors_are_retried(model_dir, sleeps, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.raises(HTTPError):
-        push_folder(model_dir, "org/x", token="t", endpoint=f"http://127.0.0.1:{port}", retries=1, backoff_seconds=3)
-    assert sleeps == [3]
+def test_a_server_that_never_answers_fails_within_the_timeout(model_dir, online, monkeypatch, capsys):
+    with silent_server() as url:
+        started = time.monotonic()
+        code = push_from_the_command_line(monkeypatch, url, str(model_dir), "org/x", "--token", "t", "--timeout", "1")
+        elapsed = time.monotonic() - started
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert error.splitlines()[-1] == (
+        f"glade push: error: cannot push to org/x: no answer from {url} (ReadTimeout: timed out)"
+    )
+    assert elapsed < 20
+
+
+def test_a_refused_connection_is_a_one_line_error(model_dir, online, monkeypatch, capsys):
+    url = refusing_url()
+    code = push_from_the_command_line(monkeypatch, url, str(model_dir), "org/x", "--token", "t")
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert error.splitlines()[-1] == (
+        f"glade push: error: cannot push to org/x: no answer from {url} (ConnectError: [Errno 111] Connection refused)"
+    )
+
+
+def test_the_timeout_must_be_a_positive_number(model_dir):
+    for timeout in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            push_folder(model_dir, "org/x", timeout=timeout)
 
 
 @pytest.mark.parametrize(
-    "token, revision, status, calls",
+    "token, revision, status, calls, reason",
     [
-        ("wrong-token", None, 401, r"/api/repos/create"),  # bad credentials
-        (None, "no-such-branch", 404, r"/api/models/org/glade-push/preupload/no-such-branch"),  # unknown revision
+        ("wrong-token", None, 401, r"/api/repos/create", "Invalid credentials in Authorization header"),
+        (None, "no-such-branch", 404, r"/api/models/org/glade-push/preupload/no-such-branch",
+         "Revision no-such-branch not found in org/glade-push"),
     ],
 )
-def test_client_errors_are_not_retried(hub, model_dir, sleeps, token, revision, status, calls):
-    with pytest.raises(HfHubHTTPError) as raised:
+def test_client_errors_are_not_retried(hub, model_dir, library_waits, token, revision, status, calls, reason):
+    with pytest.raises(HubPushError) as raised:
         push_folder(model_dir, "org/glade-push", token=token or hub.token, revision=revision, endpoint=hub.url)
-    assert raised.value.response.status_code == status
+    assert isinstance(raised.value.__cause__, HfHubHTTPError)
+    assert raised.value.__cause__.response.status_code == status
+    assert str(raised.value) == f"cannot push to org/glade-push: {hub.url} answered {status} to POST {calls}: {reason}"
     assert hub.count("POST", calls) == 1
-    assert sleeps == []
+    assert library_waits == []
 
 
-@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "modeling_glade.py", "README.md"])
+def test_a_folder_without_a_card_is_pushed_with_one_written_from_its_config_and_metrics(hub, model_dir, caplog):
+    (model_dir / "README.md").unlink()
+    before = {path.name: path.read_bytes() for path in model_dir.iterdir()}
+    with caplog.at_level(logging.WARNING, logger=hub_module.__name__):
+        push_folder(model_dir, "org/no-card", token=hub.token, endpoint=hub.url)
+    assert {path.name: path.read_bytes() for path in model_dir.iterdir()} == before  # the user's folder is untouched
+    assert f"{model_dir} has no README.md: pushing a card written from its config and metrics" in caplog.text
+
+    files = hub.files("org/no-card")
+    assert set(files) == {*before, "README.md"}
+    assert all(files[name] == content for name, content in before.items())
+    card = ModelCard(files["README.md"].decode())
+    assert (card.data.library_name, card.data.model_name) == ("transformers", "no-card")
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["loss"] == LAST_EVAL["val_loss"]
+    assert 'AutoModelForCausalLM.from_pretrained("org/no-card")' in card.text
+
+
+def test_a_card_naming_another_repo_is_pushed_with_a_warning(hub, model_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger=hub_module.__name__):
+        push_folder(model_dir, "org/renamed", token=hub.token, endpoint=hub.url)
+    assert hub.files("org/renamed")["README.md"] == (model_dir / "README.md").read_bytes()
+    assert "does not mention org/renamed: its usage snippets load another id" in caplog.text
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "modeling_glade.py"])
 def test_incomplete_folder_is_refused_before_any_request(hub, model_dir, missing):
     (model_dir / missing).unlink()
     with pytest.raises(FileNotFoundError, match=rf"glade-push (has no|is missing) {missing}"):
