@@ -6,12 +6,12 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from glade.atomic import atomic_directory
 from glade.checkpoints import local_directory
 
-from .io import WEIGHT_FILES, copy_tokenizer_files
+from .io import WEIGHT_FILES, copy_tokenizer_files, make_tokenizer_config_portable
 from .parity import ParityReport, compare_models, parity_batch, write_parity_report
 
 # What a conversion needs from a hub repo; other formats (TF, Flax, ONNX) are skipped.
@@ -42,24 +42,35 @@ def resolve_source(source: str | Path) -> Path:
     return directory
 
 
+def with_generation_config(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
+    """`model`, carrying the generation defaults (eos id, sampling settings) of the checkpoint in `directory`."""
+    if (Path(directory) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
 def save_conversion(
     model: PreTrainedModel,
     destination: Path,
     *,
     overwrite: bool = False,
     tokenizer_dir: Path | None = None,
+    portable_tokenizer: bool = False,
     reference: Callable[[], PreTrainedModel] | None = None,
     reference_name: str = "source",
 ) -> Conversion:
     """Save `model` (with `save_pretrained`) and the tokenizer files of `tokenizer_dir` into `destination`.
 
-    With `reference` (a loader for the model converted from), the saved checkpoint is reloaded and compared with it,
+    With `portable_tokenizer`, the tokenizer_config.json names a class that transformers 4 loads too. With
+    `reference` (a loader for the model converted from), the saved checkpoint is reloaded and compared with it,
     and the report lands beside the weights before the folder is moved into place.
     """
     destination = Path(destination)
     with atomic_directory(destination, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer_files = copy_tokenizer_files(tokenizer_dir, staging) if tokenizer_dir is not None else []
+        if portable_tokenizer:
+            make_tokenizer_config_portable(staging)
         report = None
         if reference is not None:
             # Compare what was written, not what is in memory: the reload is the user's view of the result.

@@ -1,10 +1,12 @@
-"""`glade convert gpt2|nanogpt ...` (weights into Glade) and `glade export gpt2 ...` (Glade back to stock GPT-2)."""
+"""`glade convert gpt2|nanogpt ...` (weights into Glade) and `glade export gpt2|stock|gguf|onnx ...` (Glade out: stock
+GPT-2, the stock transformers class the config picks, llama.cpp's GGUF, ONNX)."""
 
 import argparse
 
 from .checkpoint import Conversion
 from .gpt2 import convert_gpt2, export_gpt2
 from .nanogpt import convert_nanogpt
+from .stock import export_stock
 
 PARITY_FAILED_EXIT_CODE = 1
 
@@ -42,6 +44,33 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     _add_check_option(export_gpt2_parser)
     _add_overwrite_option(export_gpt2_parser)
     export_gpt2_parser.set_defaults(func=_run_export_gpt2)
+
+    stock = targets.add_parser(
+        "stock",
+        help="the stock transformers class that computes the same model, picked from the config: "
+        "GPT2LMHeadModel, GPTNeoXForCausalLM (rotary + LayerNorm), LlamaForCausalLM (rotary + RMSNorm + SwiGLU) "
+        "or Qwen3ForCausalLM (+ QK-norm)",
+    )
+    stock.add_argument("source", help="Glade checkpoint folder or hub id")
+    stock.add_argument("destination", help="output folder for the stock checkpoint")
+    _add_check_option(stock)
+    _add_overwrite_option(stock)
+    stock.set_defaults(func=_run_export_stock)
+
+    gguf = targets.add_parser("gguf", help="one GGUF file for llama.cpp (GPT-2-shaped models)")
+    gguf.add_argument("source", help="Glade (or GPT-2) checkpoint folder or hub id")
+    gguf.add_argument("destination", help="output .gguf file")
+    gguf.add_argument(
+        "--dtype", choices=("f32", "f16", "q8_0"), default="f32", help="type of the weight matrices (default: f32)"
+    )
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing destination file")
+    gguf.set_defaults(func=_run_export_gguf)
+
+    onnx = targets.add_parser("onnx", help="model.onnx (input_ids, attention_mask -> logits) with config and tokenizer")
+    onnx.add_argument("source", help="Glade checkpoint folder or hub id")
+    onnx.add_argument("destination", help="output folder")
+    _add_overwrite_option(onnx)
+    onnx.set_defaults(func=_run_export_onnx)
 
 
 def _add_check_option(parser: argparse.ArgumentParser) -> None:
@@ -82,3 +111,21 @@ def _run_convert_nanogpt(args: argparse.Namespace) -> int:
 
 def _run_export_gpt2(args: argparse.Namespace) -> int:
     return _report(export_gpt2(args.source, args.destination, overwrite=args.overwrite, check=args.check))
+
+
+def _run_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf import export_gguf  # the gguf library loads only for this command
+
+    print(f"Wrote {export_gguf(args.source, args.destination, dtype=args.dtype, overwrite=args.overwrite)}")
+    return 0
+
+
+def _run_export_stock(args: argparse.Namespace) -> int:
+    return _report(export_stock(args.source, args.destination, overwrite=args.overwrite, check=args.check))
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx import export_onnx  # torch.onnx's exporter loads only for this command
+
+    print(f"Wrote {export_onnx(args.source, args.destination, overwrite=args.overwrite)}")
+    return 0

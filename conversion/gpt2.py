@@ -3,12 +3,12 @@
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from glade import GladeConfig, GladeForCausalLM
 from glade.checkpoints import CONFIG_NAME, read_config_file, read_json, require_model_type
 
-from .checkpoint import Conversion, resolve_source, save_conversion
+from .checkpoint import Conversion, resolve_source, save_conversion, with_generation_config
 from .io import load_state_dict_files
 from .state_dict import glade_to_gpt2, gpt2_to_glade, model_from_state_dict
 
@@ -85,6 +85,8 @@ def gpt2_config_from_glade(config: GladeConfig) -> GPT2Config:
         **{name: getattr(config, name) for name in SHARED_FIELDS},
         activation_function=config.activation_function,
         architectures=["GPT2LMHeadModel"],
+        # GPT-2's original name for n_positions: transformers 5 no longer writes it, llama.cpp's converter reads it.
+        n_ctx=config.n_positions,
     )
 
 
@@ -103,7 +105,7 @@ def load_gpt2_as_glade(directory: Path) -> GladeForCausalLM:
     """A GPT-2 checkpoint folder as an in-memory Glade model (checked key by key and shape by shape)."""
     config = glade_config_from_gpt2(read_gpt2_config(directory))
     state_dict = gpt2_to_glade(load_state_dict_files(directory), config)
-    return _with_generation_config(model_from_state_dict(GladeForCausalLM, config, state_dict), directory)
+    return with_generation_config(model_from_state_dict(GladeForCausalLM, config, state_dict), directory)
 
 
 def load_glade_as_gpt2(directory: Path) -> GPT2LMHeadModel:
@@ -111,14 +113,7 @@ def load_glade_as_gpt2(directory: Path) -> GPT2LMHeadModel:
     config = read_config_file(Path(directory) / CONFIG_NAME)
     state_dict = glade_to_gpt2(load_state_dict_files(directory), config)
     model = model_from_state_dict(GPT2LMHeadModel, gpt2_config_from_glade(config), state_dict)
-    return _with_generation_config(model, directory)
-
-
-def _with_generation_config(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
-    # The source's generation defaults (eos id, sampling settings) travel with the weights.
-    if (Path(directory) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
-    return model
+    return with_generation_config(model, directory)
 
 
 def convert_gpt2(
@@ -144,7 +139,11 @@ def convert_gpt2(
 def export_gpt2(
     source: str | Path, destination: str | Path, *, overwrite: bool = False, check: bool = False
 ) -> Conversion:
-    """Export a GPT-2-shaped Glade checkpoint as a plain `GPT2LMHeadModel` folder (no custom code needed)."""
+    """Export a GPT-2-shaped Glade checkpoint as a plain `GPT2LMHeadModel` folder (no custom code needed).
+
+    The folder is for tools older than transformers 5 too: its tokenizer loads in transformers 4.4x-4.57, and its
+    config carries `n_ctx`, which llama.cpp's convert_hf_to_gguf.py reads.
+    """
     directory = resolve_source(source)
     model = load_glade_as_gpt2(directory)
     return save_conversion(
@@ -152,6 +151,7 @@ def export_gpt2(
         Path(destination),
         overwrite=overwrite,
         tokenizer_dir=directory,
+        portable_tokenizer=True,
         reference=(lambda: GladeForCausalLM.from_pretrained(directory)) if check else None,
         reference_name=str(source),
     )

@@ -1,5 +1,6 @@
 """The file side of conversion: reading weight files and copying tokenizer files."""
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -26,6 +27,11 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+# transformers 5 saves tokenizers as `TokenizersBackend`, a class transformers 4 cannot import; both load a
+# tokenizer.json as `PreTrainedTokenizerFast`.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# PreTrainedTokenizerFast's default in transformers 4 adds token_type_ids, which GPT-2 would add to its embeddings.
+CAUSAL_LM_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
 def load_state_dict_files(directory: Path) -> dict[str, torch.Tensor]:
@@ -75,3 +81,16 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     for name in copied:
         shutil.copyfile(Path(source) / name, Path(destination) / name)
     return copied
+
+
+def make_tokenizer_config_portable(directory: Path) -> None:
+    """Rewrite the tokenizer_config.json beside a tokenizer.json so transformers 4.4x-4.57 and 5.x both load it.
+
+    Only the class and the model inputs change; special tokens, model_max_length and the rest stay as they are.
+    """
+    path = Path(directory) / "tokenizer_config.json"
+    if not (path.is_file() and (Path(directory) / "tokenizer.json").is_file()):
+        return
+    fields = read_json(path)
+    fields.update(tokenizer_class=PORTABLE_TOKENIZER_CLASS, model_input_names=CAUSAL_LM_INPUT_NAMES)
+    path.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

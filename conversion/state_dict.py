@@ -1,15 +1,20 @@
-"""Pure state-dict conversions between GPT-2 / nanoGPT layouts and Glade's.
+"""Pure state-dict conversions between GPT-2 / nanoGPT layouts and Glade's, and from Glade to Llama, Qwen3 and GPT-NeoX.
 
 Glade keeps GPT-2's parameter names, and nanoGPT uses the same names too, so the key map is only about prefixes and
 leftovers: checkpoints may lack the `transformer.` prefix (old GPT-2 exports), carry torch.compile's `_orig_mod.`
 prefix (nanoGPT), or store the causal mask as `attn.bias` / `attn.masked_bias` buffers. The one change of layout is
 GPT-2's `Conv1D`, which stores projection weights as [in, out] where `nn.Linear` stores [out, in].
+
+Llama, Qwen3 and GPT-NeoX use `nn.Linear` too, so exporting to them renames modules; only the fused q|k|v projection
+changes layout: Llama and Qwen3 keep three matrices, GPT-NeoX one fused per head.
 """
 
 import re
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import PreTrainedConfig
 
@@ -27,6 +32,33 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 _CONV1D_KEY = re.compile(r"transformer\.h\.\d+\.(" + "|".join(re.escape(name) for name in CONV1D_WEIGHTS) + ")")
 # Causal-mask buffers (not parameters): Glade builds its masks on the fly.
 _MASK_BUFFER_KEY = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
+# A block's tensor: its index, the module inside the block, and weight or bias.
+_BLOCK_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)")
+FUSED_QKV = "attn.c_attn"
+
+# Glade's modules under Llama's and Qwen3's names (outside the blocks, then inside block i); q|k|v is split apart.
+LLAMA_NAMES = {"wte": "model.embed_tokens", "ln_f": "model.norm"}
+LLAMA_BLOCK_NAMES = {
+    "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm",
+    "attn.c_proj": "self_attn.o_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
+    "mlp.c_gate": "mlp.gate_proj",
+    "mlp.c_fc": "mlp.up_proj",
+    "mlp.c_proj": "mlp.down_proj",
+}
+LLAMA_QKV_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# The same for GPT-NeoX, whose q|k|v stays fused.
+GPT_NEOX_NAMES = {"wte": "gpt_neox.embed_in", "ln_f": "gpt_neox.final_layer_norm"}
+GPT_NEOX_BLOCK_NAMES = {
+    "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm",
+    FUSED_QKV: "attention.query_key_value",
+    "attn.c_proj": "attention.dense",
+    "mlp.c_fc": "mlp.dense_h_to_4h",
+    "mlp.c_proj": "mlp.dense_4h_to_h",
+}
 
 
 def normalize_keys(state_dict: StateDict) -> StateDict:
@@ -117,19 +149,79 @@ def nanogpt_to_glade(state_dict: StateDict, config: GladeConfig) -> StateDict:
     return converted
 
 
-def glade_to_gpt2(state_dict: StateDict, config: GladeConfig) -> StateDict:
-    """A Glade state dict as a `GPT2LMHeadModel` state dict (the head stays only when untied)."""
+def exportable_glade_state_dict(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict, checked against its config, with the head only when untied (stock classes tie it back)."""
     converted = complete_head(state_dict, config)
     check_glade_state_dict(converted, config)
     if config.tie_word_embeddings:
         converted = {key: tensor for key, tensor in converted.items() if key != HEAD_KEY}
-    return transpose_conv1d(converted)
+    return converted
+
+
+def glade_to_gpt2(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict as a `GPT2LMHeadModel` state dict (the head stays only when untied)."""
+    return transpose_conv1d(exportable_glade_state_dict(state_dict, config))
+
+
+def glade_to_llama(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict as a `LlamaForCausalLM` or `Qwen3ForCausalLM` state dict: q|k|v split into three
+    projections, every other tensor renamed as it is."""
+    head_dim = config.n_embd // config.n_head
+    qkv_sizes = (config.n_head * head_dim, config.n_kv_head * head_dim, config.n_kv_head * head_dim)
+
+    def split_qkv(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(LLAMA_QKV_NAMES, tensor.split(qkv_sizes)))
+
+    return _rename_glade_modules(
+        exportable_glade_state_dict(state_dict, config), LLAMA_NAMES, "model.layers", LLAMA_BLOCK_NAMES, split_qkv
+    )
+
+
+def glade_to_gpt_neox(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict as a `GPTNeoXForCausalLM` state dict: the fused q|k|v regrouped by head, the rest renamed."""
+
+    def group_by_head(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        # GPT-NeoX reads its fused output as [head, q|k|v, head_dim]; Glade's is [q|k|v, head, head_dim].
+        by_head = tensor.unflatten(0, (3, config.n_head, -1)).transpose(0, 1).flatten(0, 2)
+        return {GPT_NEOX_BLOCK_NAMES[FUSED_QKV]: by_head.contiguous()}
+
+    return _rename_glade_modules(
+        exportable_glade_state_dict(state_dict, config), GPT_NEOX_NAMES, "gpt_neox.layers", GPT_NEOX_BLOCK_NAMES,
+        group_by_head,
+    )
+
+
+def _rename_glade_modules(
+    state_dict: StateDict,
+    names: dict[str, str],
+    blocks: str,
+    block_names: dict[str, str],
+    convert_qkv: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+) -> StateDict:
+    """Glade's tensors under another model's module names; `convert_qkv` maps a fused q|k|v tensor to the target's
+    module name(s) and tensor(s)."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        try:
+            if key == HEAD_KEY:
+                renamed[key] = tensor
+            elif match := _BLOCK_KEY.fullmatch(key):
+                index, module, param = match.groups()
+                parts = convert_qkv(tensor) if module == FUSED_QKV else {block_names[module]: tensor}
+                renamed.update({f"{blocks}.{index}.{name}.{param}": part for name, part in parts.items()})
+            else:
+                module, param = key.removeprefix(BASE_PREFIX).rsplit(".", 1)
+                renamed[f"{names[module]}.{param}"] = tensor
+        except KeyError as error:
+            raise ValueError(f"{key} has no counterpart in the exported model") from error
+    return renamed
 
 
 def model_from_state_dict(model_class: type[ModelT], config: PreTrainedConfig, state_dict: StateDict) -> ModelT:
-    """`model_class(config)` holding the tensors of `state_dict`: built on the meta device (no random init), then
-    given the tensors themselves (no copy), in eval mode."""
-    with torch.device("meta"):
+    """`model_class(config)` holding the tensors of `state_dict`: its parameters built on the meta device (no random
+    init), then given the tensors themselves (no copy), in eval mode."""
+    # Buffers stay real: non-persistent ones (rotary frequencies) are computed in __init__ and never loaded.
+    with init_empty_weights(include_buffers=False):
         model = model_class(config)
     # Not strict: a tied head may be absent, and tie_weights() then points it at the embedding.
     unexpected = model.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys

@@ -19,18 +19,26 @@ if TYPE_CHECKING:  # only for the annotation: importing matplotlib takes a while
     from matplotlib.figure import Figure
 
 
-def write_bytes_atomically(path: str | Path, data: bytes) -> None:
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer to fill; on success it becomes `path`, on error it is
+    removed. For files too large to hold in memory (`write_bytes_atomically` takes the bytes at once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomically(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, OSError) as error:
+    # ModuleNotFoundError: an optional dependency a command needs is not installed (its message names the extra).
+    except (ValueError, FileNotFoundError, OSError, ModuleNotFoundError) as error:
         parser.exit(2, f"glade {args.command}: error: {error}\n")
 
 

@@ -22,14 +22,17 @@ _BLOCK_GLADE = textwrap.dedent(
 )
 
 
-def run_without_glade(code: str, cwd: str, env: dict[str, str] | None = None, timeout: int = 300) -> str:
-    """Run `code` with glade unimportable; returns stdout, raising with stderr on failure."""
+def run_without_glade(
+    code: str, cwd: str, env: dict[str, str] | None = None, timeout: int = 300, python: str = sys.executable
+) -> str:
+    """Run `code` with glade unimportable (in `python`, another environment's interpreter if given); returns stdout,
+    raising with stderr on failure."""
     # The same thread count as this process: fp32 matmuls round differently with a different split of the work.
     threads = str(torch.get_num_threads())
     full_env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "OMP_NUM_THREADS": threads}
     full_env.update(env or {})
     result = subprocess.run(
-        [sys.executable, "-I", "-c", _BLOCK_GLADE + textwrap.dedent(code)],
+        [python, "-I", "-c", _BLOCK_GLADE + textwrap.dedent(code)],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     if result.returncode != 0:

@@ -1,4 +1,5 @@
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from glade.conversion import convert_gpt2
+
 GPT2_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "gpt2-tokenizer"
+GPT2_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
 def tiny_gpt2_config(**overrides) -> GPT2Config:
@@ -51,6 +55,22 @@ def gpt2_dir(tmp_path, gpt2_model):
 @pytest.fixture
 def make_gpt2():
     return random_gpt2
+
+
+@pytest.fixture
+def make_glade(tmp_path, tmp_path_factory):
+    """Factory: `random_gpt2(**overrides)` converted into the Glade checkpoint tmp_path / "glade", with GPT-2's
+    tokenizer files. Its vocabulary is padded past the tokenizer's 50257 tokens to 50304, as nanoGPT's is."""
+
+    def build(**overrides) -> Path:
+        source = tmp_path_factory.mktemp("gpt2")
+        model = random_gpt2(**{"vocab_size": 50304, "bos_token_id": 50256, "eos_token_id": 50256, **overrides})
+        model.save_pretrained(source)
+        for name in GPT2_TOKENIZER_FILES:
+            shutil.copyfile(GPT2_TOKENIZER_DIR / name, source / name)
+        return convert_gpt2(source, tmp_path / "glade").destination
+
+    return build
 
 
 def nanogpt_forward(state_dict: dict[str, torch.Tensor], n_head: int, idx: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,21 @@
 """Glade -> stock GPT-2, and the full round trip GPT-2 -> Glade -> GPT-2."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from glade.conversion import convert_gpt2, export_gpt2
-from glade.tiny import tiny_model
+from glade.tiny import byte_level_tokenizer, tiny_model
 from subprocess_helpers import last_json_line, run_without_glade
+
+# The python of an environment with transformers 4.57 (docs/exporting.md says how to make one).
+TRANSFORMERS4_PYTHON = os.environ.get("GLADE_TRANSFORMERS4_PYTHON", "")
+TEXTS = ["Hello world", "  two spaces, tabs\tand\nnewlines", "caf\u00e9 \u2014 \u65e5\u672c", "end<|endoftext|>next"]
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -60,3 +67,60 @@ def test_glade_with_exact_gelu_and_custom_width_exports(tmp_path):
     assert (config["activation_function"], config["n_inner"]) == ("gelu", 96)
     assert conversion.parity.passed, conversion.parity.format()
     assert conversion.parity.logits_max_abs_diff <= 1e-5
+
+
+@pytest.mark.parametrize("tokenizer_files", ["glade", "gpt2"])
+def test_exported_folder_serves_tools_older_than_transformers_5(tmp_path, make_glade, tokenizer_files):
+    if tokenizer_files == "glade":  # saved by transformers 5: tokenizer_class is TokenizersBackend
+        source = tmp_path / "glade"
+        tiny_model().save_pretrained(source)
+        byte_level_tokenizer().save_pretrained(source)
+    else:  # GPT-2's own files: tokenizer_class is GPT2Tokenizer
+        source = make_glade()
+    export_gpt2(source, tmp_path / "gpt2")
+
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == json.loads((source / "config.json").read_text())["n_positions"]
+    source_fields = json.loads((source / "tokenizer_config.json").read_text())
+    exported_fields = json.loads((tmp_path / "gpt2" / "tokenizer_config.json").read_text())
+    assert exported_fields == {
+        **source_fields,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+    source_tokenizer = AutoTokenizer.from_pretrained(source)
+    exported = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    assert exported(TEXTS).data == source_tokenizer(TEXTS).data
+    assert exported.all_special_tokens == source_tokenizer.all_special_tokens
+    assert exported.model_max_length == source_tokenizer.model_max_length
+
+
+@pytest.mark.skipif(
+    not Path(TRANSFORMERS4_PYTHON).is_file(),
+    reason="GLADE_TRANSFORMERS4_PYTHON does not name the python of a transformers 4.57 environment",
+)
+def test_exported_model_generates_the_same_tokens_in_transformers_4(tmp_path, make_glade):
+    source = make_glade()
+    export_gpt2(source, tmp_path / "gpt2")
+    prompts = ["It was a dark and stormy night", '"Who is there?" cried Mr. Lorry,']
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    greedy = dict(max_new_tokens=20, do_sample=False)
+    expected = [model.generate(**tokenizer(prompt, return_tensors="pt"), **greedy)[0].tolist() for prompt in prompts]
+    stdout = run_without_glade(
+        f"""
+        import json, transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / "gpt2")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "gpt2")!r})
+        ids = [
+            model.generate(**tokenizer(prompt, return_tensors="pt"), **{greedy!r})[0].tolist() for prompt in {prompts!r}
+        ]
+        print(json.dumps({{"version": transformers.__version__, "model": type(model).__name__, "ids": ids}}))
+        """,
+        cwd=str(tmp_path),
+        python=TRANSFORMERS4_PYTHON,
+    )
+    result = last_json_line(stdout)
+    assert result["version"].startswith("4.") and result["model"] == "GPT2LMHeadModel"
+    assert result["ids"] == expected

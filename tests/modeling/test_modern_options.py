@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
 from glade import GladeConfig, GladeForCausalLM
+from glade.conversion import glade_to_llama, stock_config_from_glade
+from glade.conversion.state_dict import model_from_state_dict
 from glade.tiny import tiny_model
 
 LLAMA_LIKE = dict(positions="rotary", norm="rmsnorm", activation_function="swiglu", n_kv_head=2, bias=False,
@@ -16,54 +18,22 @@ LLAMA_LIKE = dict(positions="rotary", norm="rmsnorm", activation_function="swigl
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def reference_config(glade: GladeConfig, config_class):
-    return config_class(
-        vocab_size=glade.vocab_size, hidden_size=glade.n_embd, intermediate_size=glade.n_inner,
-        num_hidden_layers=glade.n_layer, num_attention_heads=glade.n_head, num_key_value_heads=glade.n_kv_head,
-        max_position_embeddings=glade.n_positions, rms_norm_eps=glade.layer_norm_epsilon,
-        rope_parameters=dict(glade.rope_parameters), tie_word_embeddings=False, attention_bias=False,
-        hidden_act="silu", bos_token_id=glade.bos_token_id, eos_token_id=glade.eos_token_id,
-        pad_token_id=glade.pad_token_id, head_dim=glade.n_embd // glade.n_head,
-    )
-
-
-def reference_state_dict(glade: GladeForCausalLM) -> dict[str, torch.Tensor]:
-    """Glade's weights under Llama's / Qwen3's names: the fused q|k|v split, the MLP's three matrices renamed."""
-    state = {}
-    names = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
-             "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
-             "mlp.c_gate": "mlp.gate_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
-    for i, block in enumerate(glade.transformer.h):
-        prefix = f"model.layers.{i}."
-        for name, tensor in block.state_dict().items():
-            module, param = name.rsplit(".", 1)
-            if module == "attn.c_attn":
-                for proj, part in zip("qkv", tensor.split(block.attn.qkv_sizes)):
-                    state[f"{prefix}self_attn.{proj}_proj.{param}"] = part
-            else:
-                state[f"{prefix}{names[module]}.{param}"] = tensor
-    state["model.embed_tokens.weight"] = glade.transformer.wte.weight
-    state["model.norm.weight"] = glade.transformer.ln_f.weight
-    state["lm_head.weight"] = glade.lm_head.weight
-    return state
-
-
-def twins(reference_class, config_class, **options):
+def twins(reference_class, **options):
+    """A tiny Glade model and the stock class holding the same weights, through the library's export mapping."""
     glade = tiny_model(**LLAMA_LIKE, **options)
-    reference = reference_class(reference_config(glade.config, config_class)).eval()
-    reference.load_state_dict(reference_state_dict(glade), strict=True)
-    return glade, reference
+    config = stock_config_from_glade(glade.config)
+    return glade, model_from_state_dict(reference_class, config, glade_to_llama(glade.state_dict(), glade.config))
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
-@pytest.mark.parametrize("reference_class,config_class,options", [
-    (LlamaForCausalLM, LlamaConfig, {}),
-    (Qwen3ForCausalLM, Qwen3Config, {"qk_norm": True}),
+@pytest.mark.parametrize("reference_class,options", [
+    (LlamaForCausalLM, {}),
+    (Qwen3ForCausalLM, {"qk_norm": True}),
 ], ids=["llama", "qwen3"])
 def test_rotary_rmsnorm_swiglu_gqa_and_qk_norm_compute_what_llama_and_qwen3_compute(
-    reference_class, config_class, options, attn_implementation
+    reference_class, options, attn_implementation
 ):
-    glade, reference = twins(reference_class, config_class, **options)
+    glade, reference = twins(reference_class, **options)
     for model in (glade, reference):
         model.set_attn_implementation(attn_implementation)
     mask = torch.ones_like(IDS)
@@ -77,7 +47,7 @@ def test_rotary_rmsnorm_swiglu_gqa_and_qk_norm_compute_what_llama_and_qwen3_comp
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_greedy_tokens_equal_llamas_with_each_cache(cache_implementation):
-    glade, reference = twins(LlamaForCausalLM, LlamaConfig)
+    glade, reference = twins(LlamaForCausalLM)
     mask = torch.ones_like(IDS)
     mask[1, :3] = 0
     options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation=cache_implementation)

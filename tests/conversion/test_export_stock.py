@@ -1,0 +1,124 @@
+"""Glade -> the stock transformers class its config picks: GPT-NeoX, Llama, Qwen3 (and GPT-2, as `export gpt2`)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from export_helpers import saved_random_glade
+from glade import GladeConfig
+from glade.cli import main
+from glade.conversion import export_gpt2, export_stock, stock_config_from_glade
+from glade.tiny import tiny_model
+
+ROTARY = dict(positions="rotary", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+LLAMA = dict(ROTARY, norm="rmsnorm", activation_function="swiglu", bias=False, n_kv_head=2)
+TARGETS = {
+    # GPT-2 + rotary: the architecture of glade-small-modern.
+    "gpt_neox": ("GPTNeoXForCausalLM", ROTARY),
+    "gpt_neox-exact-gelu-untied": ("GPTNeoXForCausalLM", dict(ROTARY, activation_function="gelu",
+                                                              tie_word_embeddings=False)),
+    "gpt_neox-relu2": ("GPTNeoXForCausalLM", dict(ROTARY, activation_function="relu2")),
+    "llama": ("LlamaForCausalLM", dict(LLAMA, tie_word_embeddings=False)),
+    "llama-biases-tied": ("LlamaForCausalLM", dict(LLAMA, bias=True)),
+    "qwen3": ("Qwen3ForCausalLM", dict(LLAMA, qk_norm=True, tie_word_embeddings=False)),
+}
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+MASK = torch.ones_like(IDS)
+MASK[1, :3] = 0  # left padding
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_export_computes_what_glade_computes(tmp_path, target):
+    class_name, options = TARGETS[target]
+    glade = saved_random_glade(tmp_path / "glade", **options)
+    conversion = export_stock(tmp_path / "glade", tmp_path / "stock", check=True)
+    assert conversion.parity.passed, conversion.parity.format()
+    assert "tokenizer.json" in conversion.tokenizer_files
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
+    assert type(stock).__name__ == class_name
+    assert not list((tmp_path / "stock").glob("*.py"))
+    with torch.no_grad():
+        assert torch.equal(stock(IDS).logits, glade(IDS).logits)
+        # Left padding: Glade derives positions from the mask, the stock classes take them as generate() does.
+        positions = (MASK.cumsum(-1) - 1).clamp(min=0)
+        expected = glade(IDS, attention_mask=MASK).logits
+        actual = stock(IDS, attention_mask=MASK, position_ids=positions).logits
+        assert torch.equal(actual[MASK.bool()], expected[MASK.bool()])
+    greedy = dict(attention_mask=MASK, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert torch.equal(stock.generate(IDS, **greedy), glade.generate(IDS, **greedy))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_saved_config_reads_back_as_the_glade_config(tmp_path, target):
+    class_name, options = TARGETS[target]
+    glade = tiny_model(**options).config
+    stock_config_from_glade(glade).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config).__name__ == class_name.replace("ForCausalLM", "Config")
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    assert {name: getattr(config, name) for name in fields} == {name: getattr(glade, name) for name in fields}
+    expected_rope = dict(glade.rope_parameters)
+    if config.model_type == "gpt_neox":
+        expected_rope["partial_rotary_factor"] = 1.0  # every channel rotates, as in Glade
+        assert (config.use_parallel_residual, config.layer_norm_eps) == (False, glade.layer_norm_epsilon)
+    else:
+        assert (config.num_key_value_heads, config.rms_norm_eps) == (glade.n_kv_head, glade.layer_norm_epsilon)
+    assert config.rope_parameters == expected_rope
+    # The older names of the rotary settings, for transformers 4 and llama.cpp's converter.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    if config.model_type == "gpt_neox":
+        assert (saved["rotary_pct"], saved["rotary_emb_base"]) == (1.0, 500.0)
+    else:
+        assert saved["rope_theta"] == 500.0
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(LLAMA, activation_function="relu2"), "activation_function='relu2', which LlamaForCausalLM"),
+    (dict(LLAMA, logit_softcap=30.0), "logit_softcap=30.0, which LlamaForCausalLM"),
+    (dict(LLAMA, qk_norm=True, bias=True), "bias=True, which Qwen3ForCausalLM"),
+    (dict(ROTARY, qk_norm=True), "qk_norm=True, which GPTNeoXForCausalLM"),
+    (dict(ROTARY, n_kv_head=2), "n_kv_head=2, which GPTNeoXForCausalLM"),
+    (dict(ROTARY, bias=False, activation_function="swiglu"),
+     "activation_function='swiglu', bias=False, which GPTNeoXForCausalLM"),
+    ({"norm": "rmsnorm"}, "norm='rmsnorm', which GPT-2"),
+])
+def test_a_config_no_stock_class_expresses_is_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=f"Glade config uses {message} cannot express"):
+        stock_config_from_glade(GladeConfig(n_embd=64, n_head=4, **options))
+
+
+def test_a_refused_export_writes_nothing(tmp_path):
+    saved_random_glade(tmp_path / "glade", **dict(LLAMA, logit_softcap=30.0))
+    with pytest.raises(ValueError, match="logit_softcap=30.0"):
+        export_stock(tmp_path / "glade", tmp_path / "stock")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["glade"]
+
+
+def test_a_gpt2_shaped_config_exports_exactly_as_export_gpt2(tmp_path):
+    saved_random_glade(tmp_path / "glade")
+    export_gpt2(tmp_path / "glade", tmp_path / "gpt2")
+    export_stock(tmp_path / "glade", tmp_path / "stock")
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (tmp_path / "stock" / name).read_text() == (tmp_path / "gpt2" / name).read_text(), name
+    expected = load_file(tmp_path / "gpt2" / "model.safetensors")
+    exported = load_file(tmp_path / "stock" / "model.safetensors")
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[key], expected[key]) for key in expected)
+
+
+def test_cli_exports_with_a_parity_report_and_names_a_refused_option(tmp_path, capsys):
+    saved_random_glade(tmp_path / "glade", **LLAMA)
+    assert main(["export", "stock", str(tmp_path / "glade"), str(tmp_path / "llama"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "first block that drifts: none" in out and out.rstrip().endswith(f"Wrote {tmp_path / 'llama'}")
+    assert json.loads((tmp_path / "llama" / "parity_report.json").read_text())["passed"] is True
+
+    saved_random_glade(tmp_path / "capped", **dict(LLAMA, logit_softcap=30.0))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "stock", str(tmp_path / "capped"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "glade export: error: Glade config uses logit_softcap=30.0" in capsys.readouterr().err
