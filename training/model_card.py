@@ -53,6 +53,7 @@ def write_model_card(
     parity_report: Mapping[str, Any] | str | Path | None = None,
     details: str | None = None,
     limitations: Sequence[str] = (),
+    more_results: Sequence[EvalResult] = (),
 ) -> Path:
     """Render `model_dir/README.md` for a saved Glade checkpoint and return its path.
 
@@ -72,6 +73,8 @@ def write_model_card(
         details: Markdown about this particular model (data and licenses, tokenizer, hardware, comparisons), placed
             after the overview.
         limitations: model-specific limitations, listed before the generic ones.
+        more_results: evaluations beyond the training log's (e.g. an lm-evaluation-harness task), added to the
+            model-index.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -95,7 +98,7 @@ def write_model_card(
         tags=TAGS,
         datasets=list(dataset_names) or None,
         base_model=base_model,
-        eval_results=_eval_results(evaluation, dataset_names) if evaluation else None,
+        eval_results=[*(_eval_results(evaluation, dataset_names) if evaluation else ()), *more_results] or None,
     )
     card = ModelCard.from_template(
         card_data,

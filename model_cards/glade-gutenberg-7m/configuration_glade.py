@@ -84,9 +84,12 @@ class GladeConfig(PreTrainedConfig):
         "intermediate_size": "n_inner",
         "num_key_value_heads": "n_kv_head",
     }
-    # The fused q|k|v weight cannot be split column-wise as three separate projections would be.
+    # The token embedding is split by vocabulary as the head it is tied to is (each rank holds the same rows of the
+    # shared weight). The fused q|k|v weight cannot be split column-wise as three separate projections would be, so
+    # attention runs whole on every rank and its output projection splits that replicated input itself.
     base_model_tp_plan = {
-        "h.*.attn.c_proj": "rowwise",
+        "wte": "embedding_rowwise",
+        "h.*.attn.c_proj": "rowwise_split_input",
         "h.*.mlp.c_fc": "colwise",
         "h.*.mlp.c_gate": "colwise",
         "h.*.mlp.c_proj": "rowwise",
@@ -163,11 +166,14 @@ class GladeConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"GladeConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+            # NaN fails no comparison, so the range checks below would let it through.
+            if not math.isfinite(value):
+                raise ValueError(f"GladeConfig.{name} must be a finite number, got {value}")
         for name in ("bias", "tie_word_embeddings", "qk_norm", "zero_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GladeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         cap = self.logit_softcap
-        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0):
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap < math.inf):
             raise ValueError(f"GladeConfig.logit_softcap must be a positive number or None, got {cap!r}")
         for name, choices in (("positions", POSITIONS), ("norm", NORMS)):
             if getattr(self, name) not in choices:
@@ -199,6 +205,12 @@ class GladeConfig(PreTrainedConfig):
             raise ValueError(f"GladeConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
         if self.initializer_range < 0:
             raise ValueError(f"GladeConfig.initializer_range must be >= 0, got {self.initializer_range}")
+        if self.rope_parameters is not None:
+            theta = self.rope_parameters.get("rope_theta")
+            if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 0 < theta < math.inf):
+                raise ValueError(
+                    f"GladeConfig.rope_parameters['rope_theta'] must be a positive finite number, got {theta!r}"
+                )
         if self.activation_function not in ACTIVATION_FUNCTIONS:
             raise ValueError(
                 f"GladeConfig.activation_function must be one of {ACTIVATION_FUNCTIONS}, "

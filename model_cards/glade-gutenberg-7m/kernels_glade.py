@@ -192,7 +192,8 @@ def block_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The `glade_block` attention implementation: `BlockCausalAttention` for whole causal sequences (training and
-    prefill without padding or attention dropout), sdpa for everything else (padding masks, decoding from a cache)."""
+    prefill without padding or attention dropout), sdpa for everything else (padding masks, packed sequences, decoding
+    from a cache): those come with a mask, which the block kernel has no place for."""
     if attention_mask is not None or dropout > 0.0 or not query.shape[-2] == key.shape[-2] > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)

@@ -357,15 +357,13 @@ class GladeModel(GladePreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
         seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if not torch.compiler.is_compiling():  # the checks read tensor values, which would break the graph
-            self._check_inputs(input_ids, past_length + seq_length)
+            self._check_inputs(input_ids, position_ids, past_length + seq_length)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            position_ids = self._position_ids(attention_mask, past_length, seq_length, inputs_embeds.device)
-
+        # transformers finds packed sequences (position_ids restarting within a row) only when there is no cache, so
+        # the mask comes before the cache made here, which is empty and would change no mask. Positions made here
+        # never restart: leaving them out keeps sdpa's mask-free causal kernel, under torch.compile too.
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -373,6 +371,10 @@ class GladeModel(GladePreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask, past_length, seq_length, inputs_embeds.device)
 
         position_embeddings = None
         if self.config.positions == "learned":
@@ -385,19 +387,33 @@ class GladeModel(GladePreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
+                position_ids=position_ids,  # flash attention finds packed sequences in them
                 cache=cache,
                 **kwargs,
             )
         hidden_states = self.ln_f(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
-    def _check_inputs(self, input_ids: torch.Tensor | None, total_length: int) -> None:
+    def _check_inputs(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None, total_length: int
+    ) -> None:
         # Out-of-range ids would otherwise fail deep inside an embedding lookup (or silently on some devices).
-        if total_length > self.config.n_positions:
-            raise ValueError(
-                f"Sequence length {total_length} (cache + input) exceeds the model's maximum of "
-                f"n_positions={self.config.n_positions}"
-            )
+        n_positions = self.config.n_positions
+        if position_ids is None:
+            if total_length > n_positions:
+                raise ValueError(
+                    f"Sequence length {total_length} (cache + input) exceeds the model's maximum of "
+                    f"n_positions={n_positions}"
+                )
+        # A packed row (sequences end to end, each starting again at position 0) can be longer than n_positions while
+        # no position is. Reading the ids makes a GPU wait, so there they are read only for a row that long.
+        elif position_ids.numel() > 0 and (position_ids.device.type == "cpu" or total_length > n_positions):
+            highest = int(position_ids.max())
+            if highest >= n_positions:
+                raise ValueError(
+                    f"position_ids holds position {highest}, beyond the model's last position {n_positions - 1} "
+                    f"(n_positions={n_positions})"
+                )
         # Reading the ids' values is free on the CPU but would make a GPU wait on every forward; there, an
         # out-of-range id fails in the embedding kernel instead.
         if input_ids is None or input_ids.numel() == 0 or input_ids.device.type != "cpu":
@@ -496,12 +512,14 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
 
     def _can_fuse_loss(self, logits_to_keep: int | torch.Tensor) -> bool:
         # Only the stock loss over every position of a plain Linear head is reproduced; a custom loss function, a
-        # wrapped head (adapters, quantization, hooks) or sliced logits take the ordinary path.
+        # wrapped head (adapters, quantization, hooks, tensor parallelism's replaced forward) or sliced logits take the
+        # ordinary path.
         head = self.lm_head
         return (
             self.loss_function is LOSS_MAPPING["ForCausalLM"]
             and type(head) is nn.Linear
             and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+            and "forward" not in vars(head)
             and head.weight.is_floating_point()
             and isinstance(logits_to_keep, int)
             and logits_to_keep == 0
