@@ -1,6 +1,9 @@
 """The pretrained checkpoint that ships in model_cards/: loadable both ways, documented, and the default model."""
 
+import importlib.util
 import json
+import subprocess
+import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from glade.training.metrics import read_metrics
 from subprocess_helpers import last_json_line, run_without_glade
 
 SHIPPED = Path(str(files("glade.model_cards") / "glade-gutenberg-7m"))
+REPO = Path(__file__).resolve().parents[2]
 TEXT = 'It was a dark and stormy night; the rain fell in torrents.\n\n"Who is there?" cried Mr. Lorry, twice.'
 
 
@@ -74,7 +78,7 @@ def test_card_metadata_parses_and_matches_the_training_log():
     assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "text-generation")
     assert "custom_code" in card.data.tags
     last_eval = [r for r in read_metrics(SHIPPED / "metrics.jsonl") if "val_loss" in r][-1]
-    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_split == "validation"}
     assert results == {"loss": last_eval["val_loss"], "perplexity": last_eval["val_ppl"], "bits_per_byte": last_eval["val_bpb"]}
     assert f"{last_eval['val_bpb']:.4f}" in card.text
     generation = json.loads((SHIPPED / "generation_config.json").read_text())
@@ -87,13 +91,73 @@ def test_readme_main_command_prints_a_continuation(capsys):
     assert out.startswith("It was a dark and stormy night") and len(out) > len("It was a dark and stormy night") + 20
 
 
-def test_card_baseline_comparison_matches_both_training_logs():
+def load_make_card():
+    """The folder's make_card.py, which holds the card's arithmetic (the folder name is not a module name)."""
+    spec = importlib.util.spec_from_file_location("make_card", SHIPPED / "make_card.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generation_config_holds_sampling_defaults_only():
+    generation = json.loads((SHIPPED / "generation_config.json").read_text())
+    assert generation["do_sample"] is True and 0 < generation["temperature"] <= 1 and generation["top_k"] > 0
+    # A max_new_tokens here would override a caller's max_length; a penalty would change what "greedy" means.
+    assert not {"max_new_tokens", "max_length", "repetition_penalty"} & set(generation)
+
+
+def test_card_training_table_matches_the_training_and_baseline_logs():
+    make_card = load_make_card()
     text = ModelCard.load(SHIPPED / "README.md").text
-    for log, name in (("metrics.jsonl", "Glade"), ("baseline_metrics.jsonl", "transformers GPT2LMHeadModel")):
-        last_eval = [r for r in read_metrics(SHIPPED / log) if "val_loss" in r][-1]
-        row = next(line for line in text.splitlines() if line.startswith(f"| {name} | "))
-        assert f"{last_eval['step']:,}" in row and f"{last_eval['tokens_seen']:,}" in row
-        assert f"{last_eval['val_loss']:.4f}" in row and f"{last_eval['val_bpb']:.4f}" in row
-    assert "](baseline_comparison.png)" in text and "](loss_curve.png)" in text
-    for picture in ("baseline_comparison.png", "loss_curve.png"):
-        assert (SHIPPED / picture).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    last_eval = [r for r in read_metrics(SHIPPED / "metrics.jsonl") if "val_loss" in r][-1]
+    glade_speed, baseline_speed, baseline_tokens, estimate = make_card.same_wall_clock_baseline(SHIPPED)
+    ours = next(line for line in text.splitlines() if line.startswith("| this model"))
+    assert f"{last_eval['tokens_seen']:,} tokens" in ours and f"**{last_eval['val_bpb']:.4f}**" in ours
+    baseline = next(line for line in text.splitlines() if line.startswith("| GPT2LMHeadModel + AdamW"))
+    assert baseline.endswith(f"| {estimate:.4f} |") and last_eval["val_bpb"] < estimate
+    assert f"({baseline_speed:,.0f} tokens/s)" in text and f"{baseline_tokens:,.0f} tokens" in text
+    assert f"median {glade_speed:,.0f}" in text
+    replaced = next(line for line in text.splitlines() if line.startswith("| the model it replaces"))
+    assert last_eval["val_bpb"] < make_card.ADAMW_RUNS[-1][1] and replaced.endswith(f"| {make_card.ADAMW_RUNS[-1][1]:.4f} |")
+    assert "](loss_curve.png)" in text and (SHIPPED / "loss_curve.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_baseline_estimate_is_the_power_law_through_the_earlier_runs():
+    make_card = load_make_card()
+    for tokens, bits in make_card.ADAMW_RUNS:
+        assert make_card.adamw_estimate(tokens) == pytest.approx(bits, rel=1e-12)
+    assert make_card.adamw_estimate(4e7) < make_card.adamw_estimate(2e7) < make_card.ADAMW_RUNS[-1][1]
+
+
+def test_lm_eval_result_is_in_the_model_index():
+    make_card = load_make_card()
+    bits = make_card.lm_eval_bits_per_byte(SHIPPED / make_card.LM_EVAL_RESULTS)
+    card = ModelCard.load(SHIPPED / "README.md")
+    lm_eval = [r for r in card.data.eval_results if r.source_name == "lm-evaluation-harness"]
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in lm_eval] == [
+        ("gutenberg_heldout", "bits_per_byte", bits)
+    ]
+    assert f"**{bits:.4f}**" in card.text
+
+
+def test_lm_eval_task_covers_the_held_out_books():
+    task = (REPO / "benchmarks" / "lm_eval" / "gutenberg_heldout.yaml").read_text()
+    assert "output_type: loglikelihood_rolling" in task and "bits_per_byte" in task
+    docs = [json.loads(line) for line in (REPO / "benchmarks" / "lm_eval" / "gutenberg_heldout.jsonl").open()]
+    assert [d["title"] for d in docs] == ["The Legend of Sleepy Hollow", "The Time Machine"]
+    assert all(d["text"].startswith(d["title"]) and len(d["text"]) > 50_000 for d in docs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness is an optional extra")
+def test_lm_eval_reproduces_the_cards_number(tmp_path):
+    make_card = load_make_card()
+    out = tmp_path / "lm-eval"
+    subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={SHIPPED},trust_remote_code=True",
+         "--include_path", "benchmarks/lm_eval", "--tasks", "gutenberg_heldout", "--batch_size", "8",
+         "--output_path", str(out)],
+        cwd=REPO, check=True,
+    )
+    (results,) = out.rglob("results_*.json")
+    expected = make_card.lm_eval_bits_per_byte(SHIPPED / make_card.LM_EVAL_RESULTS)
+    assert make_card.lm_eval_bits_per_byte(results) == pytest.approx(expected, abs=1e-4)
