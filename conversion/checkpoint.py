@@ -8,6 +8,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
+from glade import GladeForCausalLM
 from glade.atomic import atomic_directory
 from glade.checkpoints import local_directory
 
@@ -47,6 +48,28 @@ def with_generation_config(model: PreTrainedModel, directory: Path) -> PreTraine
     if (Path(directory) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
+
+
+def export_glade(
+    source: str,
+    destination: str | Path,
+    load: Callable[[Path], PreTrainedModel],
+    *,
+    overwrite: bool = False,
+    check: bool = False,
+) -> Conversion:
+    """Save the stock model that `load` builds from the Glade checkpoint `source`, with a tokenizer config that
+    transformers 4 loads too and, with `check`, a parity report against the Glade model."""
+    directory = resolve_source(source)
+    return save_conversion(
+        load(directory),
+        Path(destination),
+        overwrite=overwrite,
+        tokenizer_dir=directory,
+        portable_tokenizer=True,
+        reference=(lambda: GladeForCausalLM.from_pretrained(directory)) if check else None,
+        reference_name=str(source),
+    )
 
 
 def save_conversion(

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from glade import GladeConfig, GladeForCausalLM
 from glade.checkpoints import CONFIG_NAME, read_config_file, read_json, require_model_type
 
-from .checkpoint import Conversion, resolve_source, save_conversion, with_generation_config
+from .checkpoint import Conversion, export_glade, resolve_source, save_conversion, with_generation_config
 from .io import load_state_dict_files
 from .state_dict import glade_to_gpt2, gpt2_to_glade, model_from_state_dict
 
@@ -144,14 +144,4 @@ def export_gpt2(
     The folder is for tools older than transformers 5 too: its tokenizer loads in transformers 4.4x-4.57, and its
     config carries `n_ctx`, which llama.cpp's convert_hf_to_gguf.py reads.
     """
-    directory = resolve_source(source)
-    model = load_glade_as_gpt2(directory)
-    return save_conversion(
-        model,
-        Path(destination),
-        overwrite=overwrite,
-        tokenizer_dir=directory,
-        portable_tokenizer=True,
-        reference=(lambda: GladeForCausalLM.from_pretrained(directory)) if check else None,
-        reference_name=str(source),
-    )
+    return export_glade(source, destination, load_glade_as_gpt2, overwrite=overwrite, check=check)

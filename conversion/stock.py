@@ -28,10 +28,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from glade import GladeConfig, GladeForCausalLM
+from glade import GladeConfig
 from glade.checkpoints import CONFIG_NAME, read_config_file
 
-from .checkpoint import Conversion, resolve_source, save_conversion, with_generation_config
+from .checkpoint import Conversion, export_glade, resolve_source, with_generation_config
 from .gpt2 import export_gpt2, gpt2_config_from_glade, load_glade_as_gpt2
 from .io import load_state_dict_files
 from .state_dict import StateDict, glade_to_gpt_neox, glade_to_llama, model_from_state_dict
@@ -191,12 +191,4 @@ def export_stock(
     directory = resolve_source(source)
     if stock_model_type(read_config_file(directory / CONFIG_NAME)) == "gpt2":
         return export_gpt2(source, destination, overwrite=overwrite, check=check)
-    return save_conversion(
-        load_glade_as_stock(directory),
-        Path(destination),
-        overwrite=overwrite,
-        tokenizer_dir=directory,
-        portable_tokenizer=True,
-        reference=(lambda: GladeForCausalLM.from_pretrained(directory)) if check else None,
-        reference_name=str(source),
-    )
+    return export_glade(source, destination, load_glade_as_stock, overwrite=overwrite, check=check)

@@ -1,4 +1,5 @@
 import pytest
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from architectures import ARCHITECTURES
 
@@ -17,3 +18,17 @@ def gpt2_model():
     from glade.tiny import tiny_model
 
     return tiny_model()
+
+
+@pytest.fixture
+def sdpa_masks(monkeypatch) -> list:
+    """The attention_mask of every sdpa call made while the test runs, in order."""
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    masks = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
+    return masks

@@ -102,16 +102,9 @@ def test_custom_loss_function_and_hooked_head_take_the_reference_path():
     assert seen == [(3, 24, 257)] and out.logits is not None
 
 
-def test_sdpa_gets_no_mask_unless_there_is_padding(monkeypatch):
+def test_sdpa_gets_no_mask_unless_there_is_padding(sdpa_masks):
     """Pure causal attention runs sdpa's is_causal kernel: no [T, T] mask is built, in training or decoding."""
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    masks = []
-
-    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
-        masks.append(attention_mask)
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
+    masks = sdpa_masks
     model = tiny_model()
     assert model.config._attn_implementation == "sdpa"
     model.train()

@@ -4,9 +4,7 @@ restarting at 0 for each. Glade must compute for each what it computes for the s
 import pytest
 import torch
 from transformers import DataCollatorWithFlattening
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from glade.tiny import tiny_model
 
 # Three sequences, 153 tokens together: a packed row longer than the tiny model's n_positions=128, though no sequence
 # is (transformers' padding-free tests pack a left-padded batch the same way).
@@ -60,16 +58,9 @@ def test_flattening_collator_trains_as_the_padded_batch(model):
         torch.testing.assert_close(grads[0][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_plain_position_ids_keep_sdpa_mask_free(monkeypatch, model):
+def test_plain_position_ids_keep_sdpa_mask_free(sdpa_masks, model):
     """Position ids that do not restart are no packing: sdpa still runs its causal kernel without a mask."""
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    masks = []
-
-    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
-        masks.append(attention_mask)
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
+    masks = sdpa_masks
     with torch.no_grad():
         model(IDS, position_ids=torch.arange(IDS.shape[1]).unsqueeze(0))
         model(PACKED_IDS, position_ids=PACKED_POSITIONS)
