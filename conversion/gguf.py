@@ -6,8 +6,8 @@ in f32, a tied head left out (llama.cpp then reads the token embedding as the ou
 vocabulary stored as llama.cpp's "gpt2" tokenizer.
 
 An architecture is one `GGUFArchitecture` entry: which Glade configs llama.cpp's graph for it computes, its
-hyperparameters, and Glade's tensors under the Hugging Face names gguf maps. Only llama.cpp's `gpt2` is written
-today.
+hyperparameters, and Glade's tensors under the Hugging Face names gguf maps. Learned positions are written as
+llama.cpp's `gpt2`; rotary positions with RMSNorm and SwiGLU as its `llama`.
 """
 
 import json
@@ -28,7 +28,8 @@ from glade.checkpoints import CONFIG_NAME, read_config_file, read_json
 from .checkpoint import resolve_source
 from .gpt2 import gpt2_config_from_glade, load_gpt2_as_glade
 from .io import load_state_dict_files
-from .state_dict import HEAD_KEY, StateDict, check_glade_state_dict, complete_head
+from .state_dict import HEAD_KEY, StateDict, check_glade_state_dict, complete_head, glade_to_llama
+from .stock import llama_config_from_glade
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +89,70 @@ def gpt2_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
 GPT2 = GGUFArchitecture(gguf.MODEL_ARCH.GPT2, check_gpt2, add_gpt2_hparams, gpt2_tensors)
 
 
-def load_checkpoint(directory: Path, architecture: GGUFArchitecture) -> tuple[GladeConfig, StateDict]:
-    """The config and complete state dict of a Glade or GPT-2 checkpoint folder that `architecture` computes."""
+def check_llama(config: GladeConfig) -> None:
+    try:
+        llama_config_from_glade(config)
+    except ValueError as error:
+        raise ValueError(f"GGUF export writes llama.cpp's llama architecture: {error}") from error
+
+
+def add_llama_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(config.n_inner)
+    writer.add_block_count(config.n_layer)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_kv_head)
+    writer.add_rope_dimension_count(config.n_embd // config.n_head)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.layer_norm_epsilon)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def interleave_rotary_pairs(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q or k projection reordered from transformers' rotary layout (each head's first half pairs with
+    its second half) to the one llama.cpp's llama graph rotates (neighbouring rows pair), as its converter does."""
+    return tensor.unflatten(0, (heads, 2, -1)).transpose(1, 2).reshape(tensor.shape)
+
+
+def llama_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    # A tied head is left out (llama.cpp then reads token_embd as the output matrix), as in transformers' Llama.
+    tensors = glade_to_llama(state_dict, config)
+    for key, tensor in tensors.items():
+        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key:
+            heads = config.n_head if ".q_proj." in key else config.n_kv_head
+            tensors[key] = interleave_rotary_pairs(tensor, heads)
+    return tensors
+
+
+LLAMA = GGUFArchitecture(gguf.MODEL_ARCH.LLAMA, check_llama, add_llama_hparams, llama_tensors)
+
+
+def architecture_for(config: GladeConfig) -> GGUFArchitecture:
+    """llama.cpp's architecture for `config`: gpt2 for learned positions, llama for rotary ones with RMSNorm."""
+    if config.positions == "learned":
+        return GPT2
+    if config.norm == "rmsnorm":
+        return LLAMA
+    raise ValueError(
+        "GGUF export writes llama.cpp's gpt2 (learned positions) and llama (rotary positions with RMSNorm) "
+        f"architectures; this config has positions={config.positions!r} with norm={config.norm!r} "
+        "(GPT-NeoX's layout: export it with `glade export stock` and llama.cpp's convert_hf_to_gguf.py)"
+    )
+
+
+def load_checkpoint(directory: Path) -> tuple[GGUFArchitecture, GladeConfig, StateDict]:
+    """The llama.cpp architecture, config and complete state dict of a Glade or GPT-2 checkpoint folder."""
     if read_json(directory / CONFIG_NAME).get("model_type") == GPT2Config.model_type:
         model = load_gpt2_as_glade(directory)
-        architecture.check(model.config)
-        return model.config, model.state_dict()
+        GPT2.check(model.config)
+        return GPT2, model.config, model.state_dict()
     config = read_config_file(directory / CONFIG_NAME)
+    architecture = architecture_for(config)
     architecture.check(config)  # before any weight is read
     state_dict = complete_head(load_state_dict_files(directory), config)
     check_glade_state_dict(state_dict, config)
-    return config, state_dict
+    return architecture, config, state_dict
 
 
 def check_gpt2_tokenization(tokenizer: PreTrainedTokenizerBase, source: str) -> dict:
@@ -218,8 +272,7 @@ def export_gguf(
         raise FileNotFoundError(
             f"{source} has no tokenizer ({' or '.join(VOCABULARY_FILES)}); a GGUF file carries its vocabulary"
         )
-    architecture = GPT2
-    config, state_dict = load_checkpoint(directory, architecture)
+    architecture, config, state_dict = load_checkpoint(directory)
     # Every check runs while the writer gathers metadata and tensors in memory; the file is only opened to write.
     writer = gguf.GGUFWriter(None, arch=gguf.MODEL_ARCH_NAMES[architecture.arch])
     writer.add_name(Path(str(source)).name)

@@ -197,8 +197,8 @@ compressors get about 2.2 to 2.7 on these books. {note}
 | GPT2LMHeadModel + AdamW in this run's wall-clock budget, estimated (see below) | {estimate:.4f} |
 
 **The GPT-2 + AdamW baseline at the same wall clock** is an estimate, not a run (a second 90-minute run did not fit
-the session that trained this model): `reproduce.sh` measures transformers' `GPT2LMHeadModel` of the same shape with AdamW and
-`--compile` on the same machine ({baseline_speed:,.0f} tokens/s), so in this run's time it would see
+the session that trained this model): `reproduce.sh` measures transformers' `GPT2LMHeadModel` of the same shape
+with AdamW and `--compile` on the same machine ({baseline_speed:,.0f} tokens/s), so in this run's time it would see
 {baseline_tokens:,.0f} tokens. Its loss there comes from the power law through the two finished AdamW runs of this
 shape (8.2M tokens: 1.7716; 14.7M tokens: 1.6615; same math, data and tokenizer). That law has no floor, and the
 shorter run's lower learning rate makes it steeper, so the estimate favours the baseline; so does the speed ratio,
@@ -218,7 +218,8 @@ glade export stock model_cards/glade-gutenberg-7m glade-gutenberg-7m-neox --chec
 For llama.cpp, the route is its `convert_hf_to_gguf.py` on that folder, to llama.cpp's `gptneox` architecture (which
 assumes the tanh GELU and rotary base 10000 this model uses); it is not tested here. The converter identifies
 tokenizers by a hash and does not know this one; the tokenizer uses GPT-2's pre-tokenizer, so mapping it to `gpt-2`
-gives the same token ids. `glade export gguf` writes GPT-2-shaped models only for now. See docs/exporting.md.
+gives the same token ids. `glade export gguf` writes GPT-2- and Llama-shaped models, not this one. See
+docs/exporting.md.
 """
 
 LIMITATIONS = [

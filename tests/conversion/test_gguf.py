@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -15,12 +16,15 @@ from glade.cli import main
 from glade.conversion import export_gpt2
 from glade.conversion.gguf import export_gguf
 from glade.tiny import byte_level_tokenizer, tiny_model
+from export_helpers import saved_random_glade
 
 # llama.cpp's gpt2 names, written out here rather than taken from gguf's map, which the exporter uses.
 GGUF_NAMES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
               "lm_head": "output"}
 GGUF_BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
                     "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+# A Glade that llama.cpp's llama architecture computes: rotary positions, RMSNorm, SwiGLU, grouped-query attention.
+LLAMA_OPTIONS = dict(positions="rotary", norm="rmsnorm", activation_function="swiglu", n_kv_head=2, bias=False)
 F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
 
 
@@ -41,6 +45,15 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[gguf.GGMLQuantizationTy
         values = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         tensors[tensor.name] = (tensor.tensor_type, torch.from_numpy(values.reshape(tensor.shape.tolist()[::-1])))
     return metadata, tensors
+
+
+def llama_like_glade(directory: Path, gpt2_tokenizer_dir: Path, **overrides) -> Path:
+    """A saved llama-shaped Glade with every tensor random and GPT-2's tokenizer (llama.cpp needs BPE merges)."""
+    saved_random_glade(directory, **{**LLAMA_OPTIONS, "vocab_size": 50304, "bos_token_id": 50256,
+                                     "eos_token_id": 50256, **overrides})
+    for path in gpt2_tokenizer_dir.iterdir():
+        shutil.copyfile(path, directory / path.name)
+    return directory
 
 
 def merges_txt(directory: Path) -> list[str]:
@@ -150,16 +163,18 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, pre_
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(positions="rotary"), "positions='rotary'"),
+        (dict(positions="rotary"), "positions='rotary' with norm='layernorm'"),
+        ({**LLAMA_OPTIONS, "qk_norm": True}, "qk_norm=True"),
+        ({**LLAMA_OPTIONS, "logit_softcap": 30.0}, "logit_softcap=30.0"),
         (dict(norm="rmsnorm", qk_norm=True), "norm='rmsnorm', qk_norm=True"),
         (dict(activation_function="gelu"), "activation_function='gelu'"),
         (dict(bias=False), "bias=False"),
     ],
 )
-def test_a_config_llama_cpp_gpt2_does_not_compute_is_refused_by_name(tmp_path, overrides, message):
+def test_a_config_llama_cpp_does_not_compute_is_refused_by_name(tmp_path, overrides, message):
     tiny_model(**overrides).save_pretrained(tmp_path / "glade")
     byte_level_tokenizer().save_pretrained(tmp_path / "glade")
-    with pytest.raises(ValueError, match="gpt2") as error:
+    with pytest.raises(ValueError, match="gpt2|llama") as error:
         export_gguf(tmp_path / "glade", tmp_path / "model.gguf")
     assert message in str(error.value)
     assert not (tmp_path / "model.gguf").exists()
@@ -196,11 +211,36 @@ def test_command_line(tmp_path, make_glade, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_llama_shaped_glade_is_written_as_llama_and_read_back_by_transformers(tmp_path, gpt2_tokenizer_dir, tied):
+    source = llama_like_glade(tmp_path / "glade", gpt2_tokenizer_dir, tie_word_embeddings=tied)
+    export_gguf(source, tmp_path / "model.gguf")
+    metadata, tensors = read_gguf(tmp_path / "model.gguf")
+    assert metadata["general.architecture"] == "llama"
+    hparams = ("context_length", "embedding_length", "feed_forward_length", "block_count", "attention.head_count",
+               "attention.head_count_kv", "rope.dimension_count")
+    assert [metadata[f"llama.{key}"] for key in hparams] == [128, 64, 192, 2, 4, 2, 16]
+    assert ("output.weight" in tensors) == (not tied)
+    assert metadata["tokenizer.ggml.model"] == "gpt2" and metadata["tokenizer.ggml.pre"] == "gpt-2"
+    # An independent reader: transformers rebuilds a LlamaForCausalLM from the file alone, undoing the q/k row order
+    # llama.cpp rotates in.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf").eval()
+    glade = AutoModelForCausalLM.from_pretrained(source).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([[15496, 995, 11, 50256, 3, 1000, 50303]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, glade(ids).logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade):
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "llama-with-biases"])
+def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2_tokenizer_dir, architecture):
     from llama_cpp import Llama
 
-    source = make_glade()
+    if architecture == "gpt2":
+        source = make_glade()
+    else:
+        source = llama_like_glade(tmp_path / "llama", gpt2_tokenizer_dir, bias=architecture == "llama-with-biases")
     export_gguf(source, tmp_path / "model.gguf")
     llama = Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(source)
