@@ -7,7 +7,7 @@ vocabulary stored as llama.cpp's "gpt2" tokenizer.
 
 An architecture is one `GGUFArchitecture` entry: which Glade configs llama.cpp's graph for it computes, its
 hyperparameters, and Glade's tensors under the Hugging Face names gguf maps. Learned positions are written as
-llama.cpp's `gpt2`; rotary positions with RMSNorm and SwiGLU as its `llama`.
+llama.cpp's `gpt2`; rotary positions with RMSNorm and SwiGLU as its `llama`, with LayerNorm as its `gptneox`.
 """
 
 import json
@@ -28,8 +28,8 @@ from glade.checkpoints import CONFIG_NAME, read_config_file, read_json
 from .checkpoint import resolve_source
 from .gpt2 import gpt2_config_from_glade, load_gpt2_as_glade
 from .io import load_state_dict_files
-from .state_dict import HEAD_KEY, StateDict, check_glade_state_dict, complete_head, glade_to_llama
-from .stock import llama_config_from_glade
+from .state_dict import HEAD_KEY, StateDict, check_glade_state_dict, complete_head, glade_to_gpt_neox, glade_to_llama
+from .stock import gpt_neox_config_from_glade, llama_config_from_glade
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +60,39 @@ class GGUFArchitecture:
     tensors: Callable[[StateDict, GladeConfig], StateDict]
 
 
-def check_gpt2(config: GladeConfig) -> None:
-    try:
-        gpt2_config_from_glade(config)
-    except ValueError as error:
-        raise ValueError(f"GGUF export writes llama.cpp's gpt2 architecture: {error}") from error
-    if config.activation_function != "gelu_new":
-        raise ValueError(
-            f"Glade config has activation_function={config.activation_function!r}, but llama.cpp's gpt2 "
-            "architecture computes GPT-2's tanh-approximated GELU (activation_function='gelu_new')"
-        )
-
-
-def add_gpt2_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
+def add_shared_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
+    """The `{arch}.*` shape every llama.cpp architecture reads."""
     writer.add_context_length(config.n_positions)
     writer.add_embedding_length(config.n_embd)
     writer.add_feed_forward_length(config.n_inner)
     writer.add_block_count(config.n_layer)
     writer.add_head_count(config.n_head)
+
+
+def check_expressed(config: GladeConfig, arch: str, stock_config_from_glade: Callable[[GladeConfig], object]) -> None:
+    """A ValueError naming what llama.cpp's `arch` graph does not compute, from the stock class it mirrors."""
+    try:
+        stock_config_from_glade(config)
+    except ValueError as error:
+        raise ValueError(f"GGUF export writes llama.cpp's {arch} architecture: {error}") from error
+
+
+def require_tanh_gelu(config: GladeConfig, arch: str) -> None:
+    # llama.cpp's gpt2 and gptneox graphs hard-code the tanh-approximated GELU, whatever the stock class allows.
+    if config.activation_function != "gelu_new":
+        raise ValueError(
+            f"Glade config has activation_function={config.activation_function!r}, but llama.cpp's {arch} "
+            "architecture computes the tanh-approximated GELU (activation_function='gelu_new')"
+        )
+
+
+def check_gpt2(config: GladeConfig) -> None:
+    check_expressed(config, "gpt2", gpt2_config_from_glade)
+    require_tanh_gelu(config, "gpt2")
+
+
+def add_gpt2_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
+    add_shared_hparams(writer, config)
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
 
 
@@ -90,18 +105,11 @@ GPT2 = GGUFArchitecture(gguf.MODEL_ARCH.GPT2, check_gpt2, add_gpt2_hparams, gpt2
 
 
 def check_llama(config: GladeConfig) -> None:
-    try:
-        llama_config_from_glade(config)
-    except ValueError as error:
-        raise ValueError(f"GGUF export writes llama.cpp's llama architecture: {error}") from error
+    check_expressed(config, "llama", llama_config_from_glade)
 
 
 def add_llama_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
-    writer.add_context_length(config.n_positions)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(config.n_inner)
-    writer.add_block_count(config.n_layer)
-    writer.add_head_count(config.n_head)
+    add_shared_hparams(writer, config)
     writer.add_head_count_kv(config.n_kv_head)
     writer.add_rope_dimension_count(config.n_embd // config.n_head)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
@@ -128,17 +136,39 @@ def llama_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
 LLAMA = GGUFArchitecture(gguf.MODEL_ARCH.LLAMA, check_llama, add_llama_hparams, llama_tensors)
 
 
+def check_gpt_neox(config: GladeConfig) -> None:
+    check_expressed(config, "gptneox", gpt_neox_config_from_glade)
+    require_tanh_gelu(config, "gptneox")
+
+
+def add_gpt_neox_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
+    add_shared_hparams(writer, config)
+    writer.add_rope_dimension_count(config.n_embd // config.n_head)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_parallel_residual(False)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+
+
+def gpt_neox_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    tensors = glade_to_gpt_neox(state_dict, config)
+    # Unlike its gpt2 and llama graphs, llama.cpp's gptneox requires an output matrix: a tied head is written out.
+    tensors.setdefault("embed_out.weight", tensors["gpt_neox.embed_in.weight"])
+    for key, tensor in tensors.items():
+        if ".attention.query_key_value." in key:
+            # llama.cpp's gptneox reads q|k|v stacked, as Glade keeps them, not grouped by head as GPT-NeoX does.
+            tensors[key] = tensor.unflatten(0, (config.n_head, 3, -1)).transpose(0, 1).reshape(tensor.shape)
+    return tensors
+
+
+GPT_NEOX = GGUFArchitecture(gguf.MODEL_ARCH.GPTNEOX, check_gpt_neox, add_gpt_neox_hparams, gpt_neox_tensors)
+
+
 def architecture_for(config: GladeConfig) -> GGUFArchitecture:
-    """llama.cpp's architecture for `config`: gpt2 for learned positions, llama for rotary ones with RMSNorm."""
+    """llama.cpp's architecture for `config`: gpt2 for learned positions; for rotary ones, llama with RMSNorm and
+    gptneox with LayerNorm."""
     if config.positions == "learned":
         return GPT2
-    if config.norm == "rmsnorm":
-        return LLAMA
-    raise ValueError(
-        "GGUF export writes llama.cpp's gpt2 (learned positions) and llama (rotary positions with RMSNorm) "
-        f"architectures; this config has positions={config.positions!r} with norm={config.norm!r} "
-        "(GPT-NeoX's layout: export it with `glade export stock` and llama.cpp's convert_hf_to_gguf.py)"
-    )
+    return LLAMA if config.norm == "rmsnorm" else GPT_NEOX
 
 
 def load_checkpoint(directory: Path) -> tuple[GGUFArchitecture, GladeConfig, StateDict]:

@@ -215,11 +215,15 @@ classes (vLLM, transformers without remote code, transformers 4.x):
 glade export stock model_cards/glade-gutenberg-7m glade-gutenberg-7m-neox --check
 ```
 
-For llama.cpp, the route is its `convert_hf_to_gguf.py` on that folder, to llama.cpp's `gptneox` architecture (which
-assumes the tanh GELU and rotary base 10000 this model uses); it is not tested here. The converter identifies
-tokenizers by a hash and does not know this one; the tokenizer uses GPT-2's pre-tokenizer, so mapping it to `gpt-2`
-gives the same token ids. `glade export gguf` writes GPT-2- and Llama-shaped models, not this one. See
-docs/exporting.md.
+For llama.cpp, one GGUF file in its `gptneox` architecture (f32, f16 or q8_0):
+
+```bash
+glade export gguf model_cards/glade-gutenberg-7m glade-gutenberg-7m.gguf
+llama-cli -m glade-gutenberg-7m.gguf -c 256 -n 100 --temp 0.6 --top-k 40 -p "It was a dark and stormy night"
+```
+
+With llama-cpp-python, that file tokenizes exactly as this tokenizer does and continues prompts with the same greedy
+tokens as transformers (tested). See docs/exporting.md.
 """
 
 LIMITATIONS = [

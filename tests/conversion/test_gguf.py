@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import shutil
+from importlib.resources import files
 from pathlib import Path
 
 import gguf
@@ -23,6 +24,7 @@ GGUF_NAMES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd
               "lm_head": "output"}
 GGUF_BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
                     "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+SHIPPED = Path(str(files("glade.model_cards") / "glade-gutenberg-7m"))
 # A Glade that llama.cpp's llama architecture computes: rotary positions, RMSNorm, SwiGLU, grouped-query attention.
 LLAMA_OPTIONS = dict(positions="rotary", norm="rmsnorm", activation_function="swiglu", n_kv_head=2, bias=False)
 F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
@@ -163,7 +165,8 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, pre_
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(positions="rotary"), "positions='rotary' with norm='layernorm'"),
+        (dict(positions="rotary", n_kv_head=2), "n_kv_head=2"),
+        (dict(positions="rotary", activation_function="gelu"), "activation_function='gelu'"),
         ({**LLAMA_OPTIONS, "qk_norm": True}, "qk_norm=True"),
         ({**LLAMA_OPTIONS, "logit_softcap": 30.0}, "logit_softcap=30.0"),
         (dict(norm="rmsnorm", qk_norm=True), "norm='rmsnorm', qk_norm=True"),
@@ -174,7 +177,7 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, pre_
 def test_a_config_llama_cpp_does_not_compute_is_refused_by_name(tmp_path, overrides, message):
     tiny_model(**overrides).save_pretrained(tmp_path / "glade")
     byte_level_tokenizer().save_pretrained(tmp_path / "glade")
-    with pytest.raises(ValueError, match="gpt2|llama") as error:
+    with pytest.raises(ValueError, match="gpt2|llama|gptneox") as error:
         export_gguf(tmp_path / "glade", tmp_path / "model.gguf")
     assert message in str(error.value)
     assert not (tmp_path / "model.gguf").exists()
@@ -232,13 +235,31 @@ def test_a_llama_shaped_glade_is_written_as_llama_and_read_back_by_transformers(
         torch.testing.assert_close(model(ids).logits, glade(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_the_shipped_model_is_written_as_gptneox_with_its_own_tensors(tmp_path):
+    # GPT-2 with rotary positions: llama.cpp's gptneox (sequential residual), q|k|v stacked as Glade keeps them.
+    export_gguf(SHIPPED, tmp_path / "model.gguf")
+    metadata, tensors = read_gguf(tmp_path / "model.gguf")
+    config = AutoModelForCausalLM.from_pretrained(SHIPPED).config
+    assert metadata["general.architecture"] == "gptneox" and metadata["gptneox.use_parallel_residual"] is False
+    assert metadata["gptneox.rope.dimension_count"] == config.n_embd // config.n_head
+    assert metadata["gptneox.rope.freq_base"] == config.rope_parameters["rope_theta"]
+    weights = load_file(SHIPPED / "model.safetensors")
+    assert torch.equal(tensors["blk.0.attn_qkv.weight"][1], weights["transformer.h.0.attn.c_attn.weight"])
+    assert torch.equal(tensors["blk.5.ffn_down.bias"][1], weights["transformer.h.5.mlp.c_proj.bias"])
+    # llama.cpp's gptneox needs an output matrix, so the tied head is written out.
+    assert torch.equal(tensors["output.weight"][1], weights["transformer.wte.weight"])
+    assert len(tensors) == len(weights) + 1
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("architecture", ["gpt2", "llama", "llama-with-biases"])
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "llama-with-biases", "shipped-gptneox"])
 def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2_tokenizer_dir, architecture):
     from llama_cpp import Llama
 
     if architecture == "gpt2":
         source = make_glade()
+    elif architecture == "shipped-gptneox":
+        source = SHIPPED
     else:
         source = llama_like_glade(tmp_path / "llama", gpt2_tokenizer_dir, bias=architecture == "llama-with-biases")
     export_gguf(source, tmp_path / "model.gguf")
