@@ -57,7 +57,7 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     _add_overwrite_option(stock)
     stock.set_defaults(func=_run_export_stock)
 
-    gguf = targets.add_parser("gguf", help="one GGUF file for llama.cpp (GPT-2-, GPT-NeoX- or Llama-shaped models)")
+    gguf = targets.add_parser("gguf", help="one GGUF file for llama.cpp (GPT-2, GPT-NeoX, Llama or Qwen3 shapes)")
     gguf.add_argument("source", help="Glade (or GPT-2) checkpoint folder or hub id")
     gguf.add_argument("destination", help="output .gguf file")
     gguf.add_argument(

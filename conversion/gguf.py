@@ -7,7 +7,8 @@ vocabulary stored as llama.cpp's "gpt2" tokenizer.
 
 An architecture is one `GGUFArchitecture` entry: which Glade configs llama.cpp's graph for it computes, its
 hyperparameters, and Glade's tensors under the Hugging Face names gguf maps. Learned positions are written as
-llama.cpp's `gpt2`; rotary positions with RMSNorm and SwiGLU as its `llama`, with LayerNorm as its `gptneox`.
+llama.cpp's `gpt2`; rotary positions with RMSNorm and SwiGLU as its `llama` (`qwen3` with QK-norm), with LayerNorm
+as its `gptneox`.
 """
 
 import json
@@ -29,7 +30,7 @@ from .checkpoint import resolve_source
 from .gpt2 import gpt2_config_from_glade, load_gpt2_as_glade
 from .io import load_state_dict_files
 from .state_dict import HEAD_KEY, StateDict, check_glade_state_dict, complete_head, glade_to_gpt_neox, glade_to_llama
-from .stock import gpt_neox_config_from_glade, llama_config_from_glade
+from .stock import gpt_neox_config_from_glade, llama_config_from_glade, qwen3_config_from_glade
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ def check_llama(config: GladeConfig) -> None:
 def add_llama_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
     add_shared_hparams(writer, config)
     writer.add_head_count_kv(config.n_kv_head)
+    # Readers of Qwen3 files take the head width from the key/value lengths, with a default that is not ours.
+    writer.add_key_length(config.n_embd // config.n_head)
+    writer.add_value_length(config.n_embd // config.n_head)
     writer.add_rope_dimension_count(config.n_embd // config.n_head)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.layer_norm_epsilon)
@@ -134,6 +138,14 @@ def llama_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
 
 
 LLAMA = GGUFArchitecture(gguf.MODEL_ARCH.LLAMA, check_llama, add_llama_hparams, llama_tensors)
+
+
+def check_qwen3(config: GladeConfig) -> None:
+    check_expressed(config, "qwen3", qwen3_config_from_glade)
+
+
+# llama.cpp's qwen3 rotates each head's two halves, as transformers does: its tensors are Qwen3's, in their order.
+QWEN3 = GGUFArchitecture(gguf.MODEL_ARCH.QWEN3, check_qwen3, add_llama_hparams, glade_to_llama)
 
 
 def check_gpt_neox(config: GladeConfig) -> None:
@@ -164,11 +176,13 @@ GPT_NEOX = GGUFArchitecture(gguf.MODEL_ARCH.GPTNEOX, check_gpt_neox, add_gpt_neo
 
 
 def architecture_for(config: GladeConfig) -> GGUFArchitecture:
-    """llama.cpp's architecture for `config`: gpt2 for learned positions; for rotary ones, llama with RMSNorm and
-    gptneox with LayerNorm."""
+    """llama.cpp's architecture for `config`: gpt2 for learned positions; for rotary ones, gptneox with LayerNorm,
+    llama with RMSNorm, qwen3 with RMSNorm and QK-norm."""
     if config.positions == "learned":
         return GPT2
-    return LLAMA if config.norm == "rmsnorm" else GPT_NEOX
+    if config.norm == "rmsnorm":
+        return QWEN3 if config.qk_norm else LLAMA
+    return GPT_NEOX
 
 
 def load_checkpoint(directory: Path) -> tuple[GGUFArchitecture, GladeConfig, StateDict]:

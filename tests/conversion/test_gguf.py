@@ -167,7 +167,7 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, pre_
     [
         (dict(positions="rotary", n_kv_head=2), "n_kv_head=2"),
         (dict(positions="rotary", activation_function="gelu"), "activation_function='gelu'"),
-        ({**LLAMA_OPTIONS, "qk_norm": True}, "qk_norm=True"),
+        ({**LLAMA_OPTIONS, "qk_norm": True, "bias": True}, "bias=True"),
         ({**LLAMA_OPTIONS, "logit_softcap": 30.0}, "logit_softcap=30.0"),
         (dict(norm="rmsnorm", qk_norm=True), "norm='rmsnorm', qk_norm=True"),
         (dict(activation_function="gelu"), "activation_function='gelu'"),
@@ -214,22 +214,37 @@ def test_command_line(tmp_path, make_glade, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_a_llama_shaped_glade_is_written_as_llama_and_read_back_by_transformers(tmp_path, gpt2_tokenizer_dir, tied):
-    source = llama_like_glade(tmp_path / "glade", gpt2_tokenizer_dir, tie_word_embeddings=tied)
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("llama", dict()),
+        ("llama", dict(tie_word_embeddings=False)),
+        # transformers' GGUF reader leaves Qwen3's head width at its default of 128, whatever the file says
+        ("qwen3", dict(qk_norm=True, n_embd=256, n_head=2, n_kv_head=1)),
+    ],
+)
+def test_a_llama_shaped_glade_is_written_as_llama_and_read_back_by_transformers(
+    tmp_path, gpt2_tokenizer_dir, arch, overrides
+):
+    source = llama_like_glade(tmp_path / "glade", gpt2_tokenizer_dir, **overrides)
     export_gguf(source, tmp_path / "model.gguf")
     metadata, tensors = read_gguf(tmp_path / "model.gguf")
-    assert metadata["general.architecture"] == "llama"
-    hparams = ("context_length", "embedding_length", "feed_forward_length", "block_count", "attention.head_count",
-               "attention.head_count_kv", "rope.dimension_count")
-    assert [metadata[f"llama.{key}"] for key in hparams] == [128, 64, 192, 2, 4, 2, 16]
+    config = AutoModelForCausalLM.from_pretrained(source).config
+    qk_norm, tied = config.qk_norm, config.tie_word_embeddings
+    assert metadata["general.architecture"] == arch
+    hparams = {"context_length": config.n_positions, "embedding_length": config.n_embd,
+               "feed_forward_length": config.n_inner, "block_count": config.n_layer,
+               "attention.head_count": config.n_head, "attention.head_count_kv": config.n_kv_head,
+               "rope.dimension_count": config.n_embd // config.n_head}
+    assert {key: metadata[f"{arch}.{key}"] for key in hparams} == hparams
+    assert ("blk.0.attn_q_norm.weight" in tensors) == qk_norm
     assert ("output.weight" in tensors) == (not tied)
     assert metadata["tokenizer.ggml.model"] == "gpt2" and metadata["tokenizer.ggml.pre"] == "gpt-2"
     # An independent reader: transformers rebuilds a LlamaForCausalLM from the file alone, undoing the q/k row order
     # llama.cpp rotates in.
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf").eval()
     glade = AutoModelForCausalLM.from_pretrained(source).eval()
-    assert type(model).__name__ == "LlamaForCausalLM"
+    assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
     ids = torch.tensor([[15496, 995, 11, 50256, 3, 1000, 50303]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, glade(ids).logits, rtol=0, atol=1e-5)
@@ -252,7 +267,7 @@ def test_the_shipped_model_is_written_as_gptneox_with_its_own_tensors(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("architecture", ["gpt2", "llama", "llama-with-biases", "shipped-gptneox"])
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "llama-with-biases", "qwen3", "shipped-gptneox"])
 def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2_tokenizer_dir, architecture):
     from llama_cpp import Llama
 
@@ -261,7 +276,8 @@ def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2
     elif architecture == "shipped-gptneox":
         source = SHIPPED
     else:
-        source = llama_like_glade(tmp_path / "llama", gpt2_tokenizer_dir, bias=architecture == "llama-with-biases")
+        options = dict(bias=architecture == "llama-with-biases", qk_norm=architecture == "qwen3")
+        source = llama_like_glade(tmp_path / "llama", gpt2_tokenizer_dir, **options)
     export_gguf(source, tmp_path / "model.gguf")
     llama = Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(source)
