@@ -47,8 +47,9 @@ ADAMW_RUNS = [  # (training tokens, validation bits per byte)
 ]
 
 
-def evals(metrics: Path) -> dict[int, dict]:
-    return {record["step"]: record for record in read_metrics(metrics) if "val_loss" in record}
+def final_eval(metrics: Path) -> dict:
+    """The training log's last evaluation record."""
+    return [record for record in read_metrics(metrics) if "val_loss" in record][-1]
 
 
 def median_speed(metrics: Path) -> float:
@@ -71,7 +72,7 @@ def same_wall_clock_baseline(model_dir: Path) -> tuple[float, float, float, floa
     """(Glade tokens/s, GPT-2 tokens/s, tokens GPT-2 would see in the run's time, its estimated bits per byte)."""
     glade_speed = median_speed(model_dir / "metrics.jsonl")
     baseline_speed = median_speed(model_dir / BASELINE_SPEED_LOG)
-    tokens = max(evals(model_dir / "metrics.jsonl").values(), key=lambda r: r["step"])["tokens_seen"]
+    tokens = final_eval(model_dir / "metrics.jsonl")["tokens_seen"]
     baseline_tokens = tokens * baseline_speed / glade_speed
     return glade_speed, baseline_speed, baseline_tokens, adamw_estimate(baseline_tokens)
 
@@ -112,8 +113,7 @@ def main() -> None:
     generation = {k: v for k, v in generation.items() if k not in NOT_DEFAULTS and not k.startswith("_")}
     GenerationConfig(**{**generation, **SAMPLING}).save_pretrained(out)
 
-    records = evals(out / "metrics.jsonl")
-    final = records[max(records)]
+    final = final_eval(out / "metrics.jsonl")
     glade_speed, baseline_speed, baseline_tokens, estimate = same_wall_clock_baseline(out)
     more_results = []
     lm_eval_row = "not run (install `lm_eval` and run `reproduce.sh`)"
