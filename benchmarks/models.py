@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from glade import GladeForCausalLM
 from glade.conversion import glade_config_from_gpt2, gpt2_to_glade
+from glade.decoding import CompiledDecoder
 from nanogpt import NanoGPT
 
 
@@ -54,11 +55,12 @@ QUICK_SHAPES = {
 
 
 def gpt2_config(shape: Shape) -> GPT2Config:
+    # No end-of-text id: greedy decoding of random weights must run to its full length in every contestant.
     special = shape.vocab_size - 1
     return GPT2Config(
         vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
         n_head=shape.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=special, eos_token_id=special, pad_token_id=special, attn_implementation="sdpa",
+        bos_token_id=special, eos_token_id=None, pad_token_id=special, attn_implementation="sdpa",
     )
 
 
@@ -114,21 +116,17 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
 
-def greedy_generate(variant: str, model: torch.nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """`generate(prompt, new_tokens)` the way a user of each variant would call it: plain `generate()`, or for
-    "+compile" a static cache with transformers' compiled decoding step (opted in on CPU, which it skips by
-    default)."""
-    options = {}
+def greedy_generate(variant: str, model: torch.nn.Module, max_length: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`generate(prompt, new_tokens)` the way a user of each variant would call it: `model.generate()`, or for
+    "+compile" Glade's `CompiledDecoder` (static cache, one compiled step per token) sized for `max_length` tokens.
+    Neither stops at an end-of-text id: the models have none (`build_models`), so every run has the same length."""
     if variant.endswith("+compile"):
-        compile_config = CompileConfig(fullgraph=True)
-        compile_config._compile_all_devices = True
-        options = dict(cache_implementation="static", compile_config=compile_config)
+        decoder = CompiledDecoder(model, max_length=max_length)
+        return lambda prompt, new_tokens: decoder.generate(prompt, new_tokens)
 
     def generate(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        # min_new_tokens keeps every run at the same length even if a random model emits its end-of-text id.
         return model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, **options
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False
         )
 
     return generate
