@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from glade.kernels_glade import BLOCK_ATTENTION
+from glade.kernel_choice import AttentionChoice, fastest_compiled_attention
 
 from models import (
     QUICK_SHAPES,
@@ -118,13 +118,17 @@ def maybe_compiled(variant: str, model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model) if variant.endswith("+compile") else model
 
 
-def with_compiled_glade(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    """Compiled Glade runs whole sequences with the `glade_block` attention implementation, which beat sdpa's CPU
-    flash kernel under inductor (docs/benchmarks.md). It gets its own copy of the weights so that eager Glade keeps
-    sdpa."""
-    compiled_glade = copy.deepcopy(models["glade"])
-    compiled_glade.set_attn_implementation(BLOCK_ATTENTION)
-    return {**models, "glade+compile": compiled_glade}
+def with_compiled_glade(
+    models: dict[str, torch.nn.Module], batch_size: int, seq_len: int, dtype: torch.dtype, training: bool
+) -> tuple[dict[str, torch.nn.Module], AttentionChoice]:
+    """Compiled Glade runs whole sequences with the attention kernel that `glade pretrain --compile` would choose on
+    this CPU: sdpa or `glade_block`, whichever a compiled layer runs faster at this shape (docs/benchmarks.md). It gets
+    its own copy of the weights so that eager Glade keeps sdpa."""
+    glade = models["glade"]
+    choice = fastest_compiled_attention(glade.config, batch_size, seq_len, dtype, backward=training)
+    compiled_glade = copy.deepcopy(glade)
+    compiled_glade.set_attn_implementation(choice.implementation)
+    return {**models, "glade+compile": compiled_glade}, choice
 
 
 def matmul_peaks(settings: Settings) -> dict[str, float]:
@@ -134,7 +138,9 @@ def matmul_peaks(settings: Settings) -> dict[str, float]:
 
 def train_rows(shape_name: str, settings: Settings) -> list[Row]:
     shape = settings.shapes[shape_name]
-    models = with_compiled_glade(build_models(shape))
+    models, choice = build_models(shape), None
+    if settings.compile:
+        models, choice = with_compiled_glade(models, shape.batch, shape.seq_len, torch.bfloat16, training=True)
     optimizers = {name: make_optimizer(model) for name, model in models.items()}
     batch = make_batch(shape)
     rows = []
@@ -153,6 +159,8 @@ def train_rows(shape_name: str, settings: Settings) -> list[Row]:
             "shape": shape.as_dict(), "dtype": dtype_name, "flops_per_token": shape.training_flops_per_token(),
             **samples_detail(samples),
         }
+        if "glade+compile" in samples:
+            details["compiled_attention"] = choice.describe()
         tokens_per_s = {v: shape.tokens_per_step / s.median_wall_s for v, s in samples.items()}
         rows.append(Row(name, "tokens/s", True, tokens_per_s, details=details))
     return rows
@@ -203,7 +211,10 @@ def generate_rows(settings: Settings) -> list[Row]:
 
 def prefill_rows(settings: Settings) -> list[Row]:
     shape = settings.shapes["small"]
-    models = {name: model.eval() for name, model in with_compiled_glade(build_models(shape)).items()}
+    models, choice = build_models(shape), None
+    if settings.compile:
+        models, choice = with_compiled_glade(models, 1, settings.prefill_tokens, torch.float32, training=False)
+    models = {name: model.eval() for name, model in models.items()}
     prompt = torch.randint(0, shape.vocab_size, (1, settings.prefill_tokens))
     variants = settings.variants(COLUMNS)
     calls = {v: partial(prefill, maybe_compiled(v, models.get(v, models[v.removesuffix("+compile")])), prompt)
@@ -213,7 +224,8 @@ def prefill_rows(settings: Settings) -> list[Row]:
     return [
         Row(
             f"prefill-{settings.prefill_tokens}", "ms", False, {v: 1e3 * s.median_wall_s for v, s in samples.items()},
-            details={"prompt_tokens": settings.prefill_tokens, **samples_detail(samples)},
+            details={"prompt_tokens": settings.prefill_tokens, **samples_detail(samples),
+                     **({"compiled_attention": choice.describe()} if "glade+compile" in samples else {})},
         )
     ]
 
@@ -286,7 +298,7 @@ def goals(rows: dict[str, Row]) -> list[dict]:
         return True, f"{100 * row.details['token_agreement_with_gpt2'][variant]:.0f}% of tokens equal GPT-2's"
 
     for name, row in rows.items():
-        if "glade+compile" in row.values and "glade" in row.values:
+        if "glade+compile" in row.values and "glade" in row.values and not name.endswith("-mfu"):
             results.append(
                 {"goal": f"compiled >= eager ({name})", "row": name, "variant": "glade+compile",
                  "measured": speedup(row, "glade+compile", "glade"), "target": 1.0,
@@ -383,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nmatmul peak: bf16 {peaks['bf16']:.3f} TFLOP/s, fp32 {peaks['fp32']:.3f} TFLOP/s; "
           f"threads {report['threads']}; load average {load_before} -> {report['load_average']['after']}; "
           f"{report['duration_s']:.0f} s")
+    for row in rows:
+        if "compiled_attention" in row.details:
+            print(f"compiled attention for {row.name} on {report['machine']['cpu_model']}: "
+                  f"{row.details['compiled_attention']}")
     for goal in report["goals"]:
         print(f"[{'met' if goal['met'] else 'NOT met'}] {goal['goal']}: {goal['variant']} {goal['measured']:.2f} "
               f"(target {goal['target']}) {goal['note']}")

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
 from glade import GladeConfig, GladeForCausalLM, GladePreTrainedModel  # registers glade with the Auto classes
-from glade.kernels_glade import BLOCK_ATTENTION
+from glade.hardware import cpu_name
+from glade.kernel_choice import CANDIDATES, fastest_compiled_attention
 
 from glade.atomic import atomic_directory, check_writable_directory
 from glade.checkpoints import COMPILED_PREFIX, check_weights, read_checkpoint_config, read_config_file
@@ -173,6 +174,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--mixed-precision", choices=["bf16", "no"], help="bf16 autocast or full fp32")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--compile-attention", choices=["auto", *CANDIDATES],
+                       help="attention kernel of a compiled CPU run; auto (default) times each on this machine at "
+                            "the run's shape and takes the faster")
     train.add_argument("--seed", type=int)
 
     progress = group("evaluation, logging and checkpoints")
@@ -256,6 +260,7 @@ class PretrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     compile: bool = False
+    compile_attention: str = "auto"
     seed: int = 1337
 
     eval_every: int = 250
@@ -528,12 +533,25 @@ def prepare_data(
     return Data(train, val, train_tokens.key)
 
 
+def compiled_cpu_attention(config: PretrainConfig, model_config: GladeConfig, accelerator: Accelerator) -> str:
+    """--compile-attention, or with auto the kernel that the main process timed fastest at this run's shape (every
+    process takes its choice, so all run the same kernel)."""
+    if config.compile_attention != "auto":
+        return config.compile_attention
+    choice = [None]
+    if accelerator.is_main_process:
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        measured = fastest_compiled_attention(model_config, config.batch_size, config.block_size, dtype)
+        accelerator.print(f"compiled attention on {cpu_name()}: {measured.describe()}")
+        choice = [measured.implementation]
+    return broadcast_object_list(choice)[0]
+
+
 def prepare_training(config: PretrainConfig, model_config: PreTrainedConfig, accelerator: Accelerator):
     """The model, optimizer and scheduler, prepared by accelerate for this launch."""
     model = build_model(config, model_config)
     if config.compile and accelerator.device.type == "cpu" and isinstance(model, GladePreTrainedModel):
-        # Under inductor on CPU, block attention beats sdpa's flash kernel at these sequence lengths.
-        model.set_attn_implementation(BLOCK_ATTENTION)
+        model.set_attn_implementation(compiled_cpu_attention(config, model.config, accelerator))
     optimizer = make_optimizer(
         model, config.optimizer, config.lr, config.weight_decay, (config.beta1, config.beta2),
         fused=distributed.can_fuse_optimizer(accelerator), muon_lr=config.muon_lr,

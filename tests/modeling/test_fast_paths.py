@@ -195,3 +195,16 @@ def test_fused_loss_with_soft_capped_logits_equals_capping_the_logits(monkeypatc
     torch.testing.assert_close(fused.loss, reference.loss, atol=1e-6, rtol=1e-6)
     for name, grad in reference_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gelu_under_compile_is_gpt2s_gelu_with_the_same_gradient():
+    from glade.modeling_glade import gelu_tanh
+
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64).float().requires_grad_()
+    compiled = torch.compile(gelu_tanh, fullgraph=True)(x)
+    (grad_compiled,) = torch.autograd.grad(compiled.sum(), x)
+    eager = gelu_tanh(x)  # torch's fused kernel, which GPT-2's conversion parity is measured with
+    (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad_compiled, grad_eager, atol=1e-5, rtol=1e-5)
+    assert torch.equal(eager, torch.nn.functional.gelu(x, approximate="tanh"))

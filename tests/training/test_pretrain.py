@@ -235,7 +235,9 @@ def test_reporting_to_a_tracker_that_is_not_installed_is_an_error(base_options, 
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_continued_pretraining_starts_from_the_given_weights(compiled, base_options, tmp_path, fresh_accelerate):
+def test_continued_pretraining_starts_from_the_given_weights(
+    compiled, base_options, tmp_path, fresh_accelerate, capsys
+):
     start = tmp_path / "start"
     tiny_model(seed=3).save_pretrained(start)
     byte_level_tokenizer().save_pretrained(start)
@@ -243,6 +245,8 @@ def test_continued_pretraining_starts_from_the_given_weights(compiled, base_opti
     options = {**base_options, "config": None, "init_from": start, "tokenizer": start, "max_steps": 2, "lr": 1e-12,
                "weight_decay": 0.0, "max_shard_size": "100KB", "compile": compiled}
     final = pretrain(PretrainConfig(**options))
+    # A compiled CPU run times both attention kernels at its shape and says which it took.
+    assert ("compiled attention on " in capsys.readouterr().out) == compiled
     assert final == options["output_dir"] / "final"
     assert len(list(final.glob("model-*.safetensors"))) > 1 and (final / "model.safetensors.index.json").exists()
     model, loading = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
