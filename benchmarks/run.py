@@ -75,7 +75,7 @@ class Settings:
         return cls(
             shapes=SHAPES, warmup=1, compile=compile,
             # A 124M fp32 step takes ~15 s here: two of them per contestant keep the full run near 10 minutes.
-            repeats={"train-small": 5, "train-124m": 3, "train-124m-fp32": 2, "generate": 3, "prefill": 5},
+            repeats={"train-small": 5, "train-124m": 3, "train-124m-fp32": 2, "generate": 5, "prefill": 5},
         )
 
     @classmethod
