@@ -9,11 +9,15 @@ token with no other work between calls. Measurements and a profile: docs/benchma
 """
 
 import contextlib
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel, StaticCache
+
+logger = logging.getLogger(__name__)
 
 # Rows (batch x new positions) up to which a projection is written as multiply-and-sum. For one row inductor turns it
 # into a reduction that streams the weight at close to memory bandwidth, where MKL's sgemv reached a third of it on
@@ -103,6 +107,11 @@ class CompiledDecoder:
             raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {self.max_length}")
         self.model = model.eval()
         self.cache: StaticCache | None = None
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and torch.get_num_threads() > 1:
+            logger.warning(
+                "OMP_WAIT_POLICY=PASSIVE: each of a compiled step's parallel loops ends with its threads asleep, and "
+                "decoding runs ~2.5x slower than with OpenMP's default policy (docs/benchmarks.md)"
+            )
 
     @torch.no_grad()
     def generate(

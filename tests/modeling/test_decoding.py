@@ -111,3 +111,16 @@ def test_single_query_attention_with_grouped_heads():
     with DecodeKernels():
         decoded = F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
     torch.testing.assert_close(decoded, F.scaled_dot_product_attention(query, key, value, enable_gqa=True))
+
+
+def test_a_passive_openmp_wait_policy_is_warned_about(gpt2_model, monkeypatch, caplog):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with caplog.at_level("WARNING", logger="glade.decoding"):
+        CompiledDecoder(gpt2_model)
+    assert "OMP_WAIT_POLICY=PASSIVE" in caplog.text and "slower" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    with caplog.at_level("WARNING", logger="glade.decoding"):
+        CompiledDecoder(gpt2_model)
+    assert not caplog.text
