@@ -116,7 +116,9 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
 
-def greedy_generate(variant: str, model: torch.nn.Module, max_length: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def greedy_generate(
+    variant: str, model: torch.nn.Module, max_length: int
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """`generate(prompt, new_tokens)` the way a user of each variant would call it: `model.generate()`, or for
     "+compile" Glade's `CompiledDecoder` (static cache, one compiled step per token) sized for `max_length` tokens.
     Neither stops at an end-of-text id: the models have none (`build_models`), so every run has the same length."""

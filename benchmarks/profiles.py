@@ -33,7 +33,8 @@ from timing import matmul_peak_flops
 CATEGORIES = {
     "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"),
     "attention kernel": (
-        "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
     ),
     "optimizer": ("aten::_fused_adamw_",),
 }
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = (QUICK_SHAPES if args.quick else SHAPES)["small"]
     prompt_tokens, new_tokens, repeats = (8, 8, 2) if args.quick else (32, 128, 5)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {shape.n_layer} layers x "
-          f"{shape.n_embd}, vocab {shape.vocab_size}; decoding: batch 1, {prompt_tokens}-token prompt, {new_tokens} new "
-          "tokens")
+          f"{shape.n_embd}, vocab {shape.vocab_size}; decoding: batch 1, {prompt_tokens}-token prompt, "
+          f"{new_tokens} new tokens")
     if args.only in (None, "decode"):
         decode_profile(shape, prompt_tokens, new_tokens, repeats)
     if args.only in (None, "train"):

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, StaticCache
 logger = logging.getLogger(__name__)
 
 # Rows (batch x new positions) up to which a projection is written as multiply-and-sum. For one row inductor turns it
-# into a reduction that streams the weight at close to memory bandwidth, where MKL's sgemv reached a third of it on
+# into a reduction that streams the weight at close to memory bandwidth, where MKL's sgemv reached a quarter of it on
 # the machines measured; with more rows the weight would be streamed once per row, and a GEMM reads it once.
 MATVEC_MAX_ROWS = 1
 # Tokens between checks of whether every row has ended: reading that flag makes an accelerator wait for the step.
@@ -68,12 +68,19 @@ class DecodeKernels(TorchFunctionMode):
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
         if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
         return torch.matmul(scores.softmax(-1).to(value.dtype), value)
 
 
 def decode_step(
-    model: PreTrainedModel, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor
+    model: PreTrainedModel,
+    cache: StaticCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy next token after `tokens` (one per row) at `positions`, and the positions after them."""
     with DecodeKernels():
@@ -96,8 +103,9 @@ class CompiledDecoder:
         sequences = decoder.generate(input_ids, max_new_tokens=100)   # [batch, prompt + new] like generate()
 
     The prompt runs eagerly through the static cache; every following token is one call of the compiled step. The
-    first call of a new batch size compiles (tens of seconds); later calls reuse it. `max_length` (prompt + new
-    tokens) sizes the cache and defaults to the model's context. Left-padded batches need their `attention_mask`.
+    first call of a new batch size compiles (~15 s for a small model); later calls reuse it. `max_length` (prompt +
+    new tokens) sizes the cache and defaults to the model's context. Left-padded batches need their `attention_mask`.
+    The model is put in eval mode (no dropout), and weights changed later are used by the next call.
     """
 
     def __init__(self, model: PreTrainedModel, max_length: int | None = None):
@@ -158,7 +166,7 @@ class CompiledDecoder:
                     tokens, positions = compiled_decode_step(self.model, self.cache, tokens, positions, full_mask)
                 if step == 1:
                     # The first call checked the compiled step's guards; later calls differ from it in tensor values
-                    # only, and checking the guards of every module again would take a quarter of a small model's step.
+                    # only, and checking the guards of every module again would take a fifth of a small model's step.
                     later_steps.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
                 if stop_ids.numel():
                     tokens = tokens.masked_fill(done, pad_token_id)
@@ -183,7 +191,8 @@ class CompiledDecoder:
         return sequences[:, : prompt_length + int(all_ended_before.int().argmax())]
 
     def _reset_cache(self, batch: int) -> None:
-        if self.cache is not None and getattr(self.cache.layers[0], "batch_size", batch) == batch:
+        layer = self.cache.layers[0] if self.cache is not None else None
+        if layer is not None and (not layer.is_initialized or layer.batch_size == batch):
             self.cache.reset()
             return
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_length)

@@ -1,4 +1,4 @@
-"""`CompiledDecoder`: the same greedy tokens as `generate()`, one compiled graph, and the decode kernels it relies on."""
+"""`CompiledDecoder`: the same greedy tokens as `generate()`, one compiled graph, and the decode kernels it uses."""
 
 import pytest
 import torch
@@ -124,3 +124,15 @@ def test_a_passive_openmp_wait_policy_is_warned_about(gpt2_model, monkeypatch, c
     with caplog.at_level("WARNING", logger="glade.decoding"):
         CompiledDecoder(gpt2_model)
     assert not caplog.text
+
+
+def test_weights_changed_after_compiling_are_used(gpt2_model):
+    decoder = CompiledDecoder(gpt2_model, max_length=48)
+    before = decoder.generate(PROMPT, 12)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for parameter in gpt2_model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    after = decoder.generate(PROMPT, 12)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, greedy(gpt2_model, PROMPT, 12))
