@@ -214,6 +214,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("beta1", "beta2"), (lambda value: 0 <= value < 1, "in [0, 1)")),
     "dropout": (lambda value: value is None or 0 <= value < 1, "in [0, 1)"),
     "optimizer": (lambda value: value in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "compile_attention": (lambda value: value in ("auto", *CANDIDATES), f"one of auto, {', '.join(CANDIDATES)}"),
 }
 PATH_FIELDS = ("config", "init_from", "tokenizer", "output_dir", "cache_dir", "resume")
 

@@ -313,3 +313,9 @@ def test_a_run_that_diverges_keeps_its_last_good_checkpoint_and_exports_nothing(
     records = [strict_json(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
     assert records[-1]["lr"] is None and math.isfinite(records[-1]["train_loss"])  # lr inf: null, not Infinity
+
+
+def test_an_unknown_compiled_attention_kernel_is_refused_from_python_too(tmp_path):
+    with pytest.raises(ValueError, match="--compile-attention must be one of auto, sdpa, glade_block, got flash"):
+        PretrainConfig(preset="glade-tiny", data=["a.txt"], tokenizer="t", output_dir=tmp_path, max_steps=4,
+                       compile=True, compile_attention="flash")
