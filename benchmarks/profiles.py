@@ -14,7 +14,6 @@ time minus what the operators account for.
 
 import argparse
 import statistics
-import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ from glade.decoding import DecodeKernels
 from glade.hardware import cpu_name
 
 from models import QUICK_SHAPES, SHAPES, build_models, greedy_generate, make_batch, make_optimizer, training_step
-from timing import matmul_peak_flops
+from timing import best_seconds, matmul_peak_flops, seconds
 
 # Operator names (profiler keys) by what they are; anything else counts as "other operators".
 CATEGORIES = {
@@ -38,16 +37,6 @@ CATEGORIES = {
     ),
     "optimizer": ("aten::_fused_adamw_",),
 }
-
-
-def best_seconds(function: Callable[[], object], repeats: int) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -85,7 +74,8 @@ def floors(matrices: list[torch.Tensor], repeats: int) -> dict[str, float]:
 def profile_per_unit(run: Callable[[], object], units: int, repeats: int) -> dict[str, float]:
     """Milliseconds per unit (a new token, a training step) of `run`: wall time, and the operators' self time by
     category; the rest is Python."""
-    wall = statistics.median(best_seconds(run, 1) for _ in range(repeats)) / units
+    run()  # warm-up: compilation, caches
+    wall = statistics.median(seconds(run) for _ in range(repeats)) / units
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         run()
     spent = defaultdict(float)
@@ -140,7 +130,6 @@ def train_profile(shape, repeats: int) -> None:
     for variant, model in (("gpt2", models["gpt2"]), ("glade+compile", torch.compile(models["glade+compile"]))):
         optimizer = make_optimizer(model)
         step = lambda: training_step(model, optimizer, batch, torch.bfloat16)  # noqa: E731
-        step()  # compiles
         parts = profile_per_unit(step, 1, repeats)
         label = "GPT-2" if variant == "gpt2" else "Glade + torch.compile"
         print(f"  {label}: {describe(parts)} ({parts['wall_ms'] / floor_ms:.2f}x the floor)")

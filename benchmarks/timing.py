@@ -48,16 +48,23 @@ def alternate(calls: dict[str, Callable[[], object]], warmup: int, repeats: int,
     return samples
 
 
+def seconds(function: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def best_seconds(function: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` calls, after one untimed call (kernel selection, caches, compilation)."""
+    function()
+    return min(seconds(function) for _ in range(repeats))
+
+
 def matmul_peak_flops(dtype: torch.dtype, size: int, repeats: int) -> float:
     """Best FLOP/s of a square `size`^3 matmul: the ceiling that MFU is measured against."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # let the backend pick and cache its kernel
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / best_seconds(lambda: a @ b, repeats)
 
 
 def cpu_flags() -> list[str]:
