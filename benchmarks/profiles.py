@@ -6,7 +6,8 @@
 
 Decoding: at batch 1 every new token reads every weight once, so the floor of a step is the weights' bytes over the
 rate at which this machine streams memory (measured with a plain sum over a buffer of the same size). Training: the
-floor is the step's matmul FLOPs at the bf16 matmul peak measured in the same run. For GPT-2 and for Glade's fastest
+floor is the step's matmul FLOPs at the matmul peak of its dtype (bf16 autocast where the CPU computes bf16 natively,
+else fp32, as `glade pretrain` chooses) measured in the same run. For GPT-2 and for Glade's fastest
 variant (`CompiledDecoder`; the compiled training step), one profiled run splits the time into the profiler's
 operator categories, scaled to the unprofiled wall time; the rest (Python: generate()'s loop, module calls) is wall
 time minus what the operators account for.
@@ -26,7 +27,9 @@ from glade.decoding import DecodeKernels
 from glade.hardware import cpu_name
 
 from models import QUICK_SHAPES, SHAPES, build_models, greedy_generate, make_batch, make_optimizer, training_step
-from timing import best_seconds, matmul_peak_flops, seconds
+from timing import BF16_CHOICES, best_seconds, matmul_peak_flops, measured_dtypes, seconds
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Operator names (profiler keys) by what they are; anything else counts as "other operators".
 CATEGORIES = {
@@ -101,8 +104,8 @@ def profile_per_unit(run: Callable[[], object], units: int, repeats: int) -> dic
     return result
 
 
-def decode_profile(shape, prompt_tokens: int, new_tokens: int, repeats: int) -> None:
-    for dtype in (torch.float32, torch.bfloat16):
+def decode_profile(shape, prompt_tokens: int, new_tokens: int, repeats: int, dtypes: tuple[str, ...]) -> None:
+    for dtype in (DTYPES[name] for name in sorted(dtypes, key=list(DTYPES).index)):
         models = {name: model.eval().to(dtype) for name, model in build_models(shape).items() if name != "nanogpt"}
         prompt = torch.randint(0, shape.vocab_size - 1, (1, prompt_tokens))
         measured = floors(weight_matrices(models["glade"]), repeats=20)
@@ -118,18 +121,21 @@ def decode_profile(shape, prompt_tokens: int, new_tokens: int, repeats: int) -> 
             print(f"  {label}: {describe(parts)} ({parts['wall_ms'] / measured['stream_ms']:.1f}x the floor)")
 
 
-def train_profile(shape, repeats: int) -> None:
+def train_profile(shape, repeats: int, dtype_name: str) -> None:
     from run import with_compiled_glade  # the benchmark's compiled Glade: its attention kernel chosen by timing
 
-    models, choice = with_compiled_glade(build_models(shape), shape.batch, shape.seq_len, torch.bfloat16, True)
-    peak = matmul_peak_flops(torch.bfloat16, 2048, repeats=10)
+    dtype = DTYPES[dtype_name]
+    models, choice = with_compiled_glade(build_models(shape), shape.batch, shape.seq_len, dtype, True)
+    peak = matmul_peak_flops(dtype, 2048, repeats=10)
     floor_ms = 1e3 * shape.training_flops_per_token() * shape.tokens_per_step / peak
-    print(f"\ntraining step, bf16 autocast, batch {shape.batch} x {shape.seq_len}: matmul FLOPs at the measured bf16 "
-          f"peak ({peak / 1e12:.3f} TFLOP/s): {floor_ms:.0f} ms (the floor); compiled attention: {choice.describe()}")
+    compute = "bf16 autocast" if dtype_name == "bf16" else "fp32"
+    print(f"\ntraining step, {compute}, batch {shape.batch} x {shape.seq_len}: matmul FLOPs at the measured "
+          f"{dtype_name} peak ({peak / 1e12:.3f} TFLOP/s): {floor_ms:.0f} ms (the floor); compiled attention: "
+          f"{choice.describe()}")
     batch = make_batch(shape)
     for variant, model in (("gpt2", models["gpt2"]), ("glade+compile", torch.compile(models["glade+compile"]))):
         optimizer = make_optimizer(model)
-        step = lambda: training_step(model, optimizer, batch, torch.bfloat16)  # noqa: E731
+        step = lambda: training_step(model, optimizer, batch, dtype)  # noqa: E731
         parts = profile_per_unit(step, 1, repeats)
         label = "GPT-2" if variant == "gpt2" else "Glade + torch.compile"
         print(f"  {label}: {describe(parts)} ({parts['wall_ms'] / floor_ms:.2f}x the floor)")
@@ -144,7 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape, few repeats")
     parser.add_argument("--only", choices=["decode", "train"], help="one of the two profiles")
+    parser.add_argument("--bf16", choices=BF16_CHOICES, default="auto",
+                        help="profile bf16 too: auto (default) where the CPU computes it natively, always, never")
     args = parser.parse_args(argv)
+    dtypes = measured_dtypes(args.bf16)
     logging.set_verbosity_error()
     # Each kernel of a compiled graph becomes a profiler event of its own (named graph_...).
     torch._inductor.config.cpp.enable_kernel_profile = True
@@ -154,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{shape.n_embd}, vocab {shape.vocab_size}; decoding: batch 1, {prompt_tokens}-token prompt, "
           f"{new_tokens} new tokens")
     if args.only in (None, "decode"):
-        decode_profile(shape, prompt_tokens, new_tokens, repeats)
+        decode_profile(shape, prompt_tokens, new_tokens, repeats, dtypes)
     if args.only in (None, "train"):
-        train_profile(shape, repeats=3 if not args.quick else 1)
+        train_profile(shape, repeats=3 if not args.quick else 1, dtype_name=dtypes[0])
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def train(row: Row, seed: int, args: argparse.Namespace, speed: str | None = Non
             # as training time.
             "--eval-every", "0" if speed else str(args.eval_every), "--eval-batches", "16",
             "--log-every", str(SPEED_LOG_EVERY if speed else args.eval_every),
-            "--save-every", "0", "--dropout", "0", "--seed", str(seed), "--mixed-precision", "bf16",
+            "--save-every", "0", "--dropout", "0", "--seed", str(seed), "--mixed-precision", "auto",
         ] + (["--compile"] if compiled else [])
         shutil.rmtree(output, ignore_errors=True)  # an interrupted earlier attempt: start over
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from glade.kernel_choice import AttentionChoice, fastest_compiled_attention
+from glade.hardware import bf16_support
+from glade.kernel_choice import KernelChoice, choose_kernel
 
 from models import (
     QUICK_SHAPES,
@@ -38,18 +39,29 @@ from models import (
     prefill,
     training_step,
 )
-from timing import Samples, alternate, load_average, machine_info, matmul_peak_flops, thread_info
+from timing import (
+    BF16_CHOICES,
+    Samples,
+    alternate,
+    load_average,
+    machine_info,
+    matmul_peak_flops,
+    measured_dtypes,
+    thread_info,
+)
 
 SECTIONS = ("train-small", "train-124m", "generate", "prefill", "memory")
 COLUMNS = ("gpt2", "glade", "glade+compile", "nanogpt", "nanogpt+compile")
 GLADE_VARIANTS = ("glade", "glade+compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# What each training row runs. fp32 and the 124M shape leave out some columns to keep a full run near 10 minutes.
+# What each training row runs, by shape, for the dtype that `glade pretrain` trains in on this machine (bf16 where the
+# CPU computes it natively, else fp32) and for the other one. The other dtype and the 124M shape leave out some columns
+# to keep a full run near 10 minutes.
 TRAIN_VARIANTS = {
-    ("small", "fp32"): ("gpt2", "glade", "nanogpt"),
-    ("small", "bf16"): COLUMNS,
-    ("124m", "fp32"): ("gpt2", "glade"),
-    ("124m", "bf16"): ("gpt2", "glade", "glade+compile"),
+    ("small", "default"): COLUMNS,
+    ("small", "other"): ("gpt2", "glade", "nanogpt"),
+    ("124m", "default"): ("gpt2", "glade", "glade+compile"),
+    ("124m", "other"): ("gpt2", "glade"),
 }
 MEMORY_VARIANTS = ("gpt2", "glade", "nanogpt")
 
@@ -69,22 +81,32 @@ class Settings:
     prefill_tokens: int = 512
     peak_size: int = 2048
     memory_shapes: tuple[str, ...] = ("small", "124m")
+    # The dtypes measured, the default first: bf16 leads where the CPU computes it natively (and is left out where it
+    # would be emulated, unless asked for), as in `glade pretrain --mixed-precision auto`.
+    dtypes: tuple[str, ...] = ("fp32",)
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtypes[0]]
 
     @classmethod
-    def full(cls, compile: bool) -> "Settings":
+    def full(cls, compile: bool, dtypes: tuple[str, ...]) -> "Settings":
         return cls(
-            shapes=SHAPES, warmup=1, compile=compile,
+            shapes=SHAPES, warmup=1, compile=compile, dtypes=dtypes,
             # A 124M fp32 step takes ~15 s here: two of them per contestant keep the full run near 10 minutes.
             repeats={"train-small": 5, "train-124m": 3, "train-124m-fp32": 2, "generate": 5, "prefill": 5},
         )
 
     @classmethod
-    def quick(cls) -> "Settings":
+    def quick(cls, dtypes: tuple[str, ...]) -> "Settings":
         # Compilation alone takes tens of seconds, so the quick run measures eager variants only.
         return cls(
             shapes=QUICK_SHAPES, warmup=1, compile=False, repeats=dict.fromkeys(SECTIONS, 1), prompt_tokens=8,
-            new_tokens=8, prefill_tokens=64, peak_size=256, memory_shapes=("small",),
+            new_tokens=8, prefill_tokens=64, peak_size=256, memory_shapes=("small",), dtypes=dtypes,
         )
+
+    def generate_runs_measured(self) -> tuple[tuple[str, int], ...]:
+        return tuple(run for run in self.generate_runs if run[0] in self.dtypes)
 
     def variants(self, names: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(name for name in names if self.compile or not name.endswith("+compile"))
@@ -120,32 +142,36 @@ def maybe_compiled(variant: str, model: torch.nn.Module) -> torch.nn.Module:
 
 def with_compiled_glade(
     models: dict[str, torch.nn.Module], batch_size: int, seq_len: int, dtype: torch.dtype, training: bool
-) -> tuple[dict[str, torch.nn.Module], AttentionChoice]:
+) -> tuple[dict[str, torch.nn.Module], KernelChoice]:
     """Compiled Glade runs whole sequences with the attention kernel that `glade pretrain --compile` would choose on
     this CPU: sdpa or `glade_block`, whichever a compiled layer runs faster at this shape (docs/benchmarks.md). It gets
     its own copy of the weights so that eager Glade keeps sdpa."""
     glade = models["glade"]
-    choice = fastest_compiled_attention(glade.config, batch_size, seq_len, dtype, backward=training)
+    choice = choose_kernel(glade.config, batch_size, seq_len, dtype, backward=training)
     compiled_glade = copy.deepcopy(glade)
     compiled_glade.set_attn_implementation(choice.implementation)
     return {**models, "glade+compile": compiled_glade}, choice
 
 
 def matmul_peaks(settings: Settings) -> dict[str, float]:
-    """bf16 and fp32 matmul TFLOP/s on this machine, now: the denominators of MFU."""
-    return {name: matmul_peak_flops(dtype, settings.peak_size, repeats=10) / 1e12 for name, dtype in DTYPES.items()}
+    """Matmul TFLOP/s of each measured dtype on this machine, now: the denominators of MFU."""
+    return {
+        name: matmul_peak_flops(DTYPES[name], settings.peak_size, repeats=10) / 1e12 for name in settings.dtypes
+    }
 
 
 def train_rows(shape_name: str, settings: Settings) -> list[Row]:
     shape = settings.shapes[shape_name]
     models, choice = build_models(shape), None
     if settings.compile:
-        models, choice = with_compiled_glade(models, shape.batch, shape.seq_len, torch.bfloat16, training=True)
+        models, choice = with_compiled_glade(models, shape.batch, shape.seq_len, settings.default_dtype, training=True)
     optimizers = {name: make_optimizer(model) for name, model in models.items()}
     batch = make_batch(shape)
     rows = []
-    for dtype_name, dtype in DTYPES.items():
-        variants = settings.variants(TRAIN_VARIANTS[shape_name, dtype_name])
+    for dtype_name in settings.dtypes:
+        dtype = DTYPES[dtype_name]
+        role = "default" if dtype == settings.default_dtype else "other"
+        variants = settings.variants(TRAIN_VARIANTS[shape_name, role])
         calls = {}
         for variant in variants:
             name = variant if variant in models else variant.removesuffix("+compile")
@@ -179,7 +205,7 @@ def generate_rows(settings: Settings) -> list[Row]:
     variants = settings.variants(("gpt2", "glade", "glade+compile"))
     max_length = settings.prompt_tokens + settings.new_tokens
     rows = []
-    for dtype_name, batch_size in settings.generate_runs:
+    for dtype_name, batch_size in settings.generate_runs_measured():
         dtype = DTYPES[dtype_name]
         models = {name: model.eval().to(dtype) for name, model in build_models(shape).items() if name != "nanogpt"}
         generators = {v: greedy_generate(v, models[v.removesuffix("+compile")], max_length) for v in variants}
@@ -230,9 +256,9 @@ def prefill_rows(settings: Settings) -> list[Row]:
     ]
 
 
-def probe_memory(variant: str, shape_name: str, quick: bool, threads: int) -> dict:
+def probe_memory(variant: str, shape_name: str, dtype: str, quick: bool, threads: int) -> dict:
     probe = Path(__file__).with_name("memory_probe.py")
-    command = [sys.executable, str(probe), "--variant", variant, "--shape", shape_name]
+    command = [sys.executable, str(probe), "--variant", variant, "--shape", shape_name, "--dtype", dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     result = subprocess.run(command + (["--quick"] if quick else []), env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -244,11 +270,11 @@ def memory_rows(settings: Settings, quick: bool, threads: int) -> list[Row]:
     jobs = [(variant, shape) for shape in settings.memory_shapes for variant in MEMORY_VARIANTS]
     # Probes measure memory, not time, so they may share the cores; each one's peak is its own process's.
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        probes = list(pool.map(lambda job: probe_memory(*job, quick, threads), jobs))
+        probes = list(pool.map(lambda job: probe_memory(*job, settings.dtypes[0], quick, threads), jobs))
     results = dict(zip(jobs, probes))
     return [
         Row(
-            f"memory-train-{shape}-bf16", "MiB", False,
+            f"memory-train-{shape}-{settings.dtypes[0]}", "MiB", False,
             {variant: results[variant, shape]["peak_mib"] for variant in MEMORY_VARIANTS},
             details={variant: results[variant, shape] for variant in MEMORY_VARIANTS},
         )
@@ -349,6 +375,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
+    parser.add_argument("--bf16", choices=BF16_CHOICES, default="auto",
+                        help="measure bf16 rows: auto (default) where the CPU computes bf16 natively (avx512_bf16, "
+                             "amx_bf16, arm64 bf16), always (emulated elsewhere, and slow), never")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -360,7 +389,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     # transformers warns about GPT-2's unset loss_type on every model; the table is the output that matters.
     logging.set_verbosity_error()
-    settings = Settings.quick() if args.quick else Settings.full(compile=not args.no_compile)
+    dtypes = measured_dtypes(args.bf16)
+    if "bf16" not in dtypes:
+        print(f"bf16 rows left out: {bf16_support(torch.device('cpu'))} (--bf16 always measures them anyway)")
+    settings = Settings.quick(dtypes) if args.quick else Settings.full(not args.no_compile, dtypes)
     started, load_before = time.perf_counter(), load_average()
 
     first_peaks = matmul_peaks(settings)
@@ -376,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += memory_rows(settings, args.quick, args.threads)
     # Load from elsewhere can only lower a peak, so the better of a measurement before and after is kept.
     last_peaks = matmul_peaks(settings)
-    peaks = {name: max(first_peaks[name], last_peaks[name]) for name in DTYPES}
+    peaks = {name: max(first_peaks[name], last_peaks[name]) for name in settings.dtypes}
     rows = [line for row in rows for line in ([row, mfu_row(row, peaks)] if row.name.startswith("train-") else [row])]
 
     report = {
@@ -392,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goals": goals({row.name: row for row in rows}),
     }
     print(format_table(rows))
-    print(f"\nmatmul peak: bf16 {peaks['bf16']:.3f} TFLOP/s, fp32 {peaks['fp32']:.3f} TFLOP/s; "
+    print(f"\nmatmul peak: {', '.join(f'{name} {peak:.3f}' for name, peak in peaks.items())} TFLOP/s; "
           f"threads {report['threads']}; load average {load_before} -> {report['load_average']['after']}; "
           f"{report['duration_s']:.0f} s")
     for row in rows:

@@ -11,7 +11,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from glade.hardware import cpu_name, cpuinfo_field
+from glade.hardware import cpu_name, cpuinfo_field, native_bf16
 
 
 @dataclass
@@ -73,10 +73,23 @@ def cpu_flags() -> list[str]:
     return sorted(wanted & set((cpuinfo_field("flags") or "").split()))
 
 
+BF16_CHOICES = ("auto", "always", "never")
+
+
+def measured_dtypes(bf16: str) -> tuple[str, ...]:
+    """The dtypes to measure ("fp32", "bf16"), the one `glade pretrain` would train in first: with `auto`, bf16 only
+    where the CPU computes it natively, since emulated bf16 measures the emulation."""
+    native = native_bf16("cpu")
+    if bf16 == "never" or (bf16 == "auto" and not native):
+        return ("fp32",)
+    return ("bf16", "fp32") if native else ("fp32", "bf16")
+
+
 def machine_info() -> dict:
     return {
         "cpu_model": cpu_name(),
         "cpu_flags": cpu_flags(),
+        "native_bf16": native_bf16("cpu"),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
         "platform": platform.platform(),

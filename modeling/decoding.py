@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel, StaticCache
 
+from .hardware import bf16_support, native_bf16, warn_emulated_bf16
+
 logger = logging.getLogger(__name__)
 
 # Rows (batch x new positions) up to which a projection is written as multiply-and-sum. For one row inductor turns it
@@ -115,6 +117,8 @@ class CompiledDecoder:
             raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {self.max_length}")
         self.model = model.eval()
         self.cache: StaticCache | None = None
+        if model.dtype == torch.bfloat16 and not native_bf16(model.device):
+            warn_emulated_bf16(bf16_support(model.device))
         if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and torch.get_num_threads() > 1:
             logger.warning(
                 "OMP_WAIT_POLICY=PASSIVE: each of a compiled step's parallel loops ends with its threads asleep, and "

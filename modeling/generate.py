@@ -8,6 +8,7 @@ import torch
 from transformers import Pipeline, pipeline
 
 from .checkpoints import add_model_argument, default_model, load_model_and_tokenizer
+from .hardware import bf16_support, computable_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,10 @@ DEFAULT_REPETITION_PENALTY = 1.15
 def load_generator(model: str, device: str | None = None) -> Pipeline:
     """A text-generation pipeline for a checkpoint directory, a hub id, or `tiny-random`."""
     lm, tokenizer = load_model_and_tokenizer(model)
+    target = torch.device(device or "cpu")
+    if (dtype := computable_dtype(lm.dtype, target)) != lm.dtype:
+        logger.warning("%s holds %s weights, but %s: running in %s", model, lm.dtype, bf16_support(target), dtype)
+        lm = lm.to(dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -29,6 +29,14 @@ def cpu_launch_of(backend: str, honour_use_cpu: bool = False) -> bool:
     return parse_flag_from_env(f"ACCELERATE_USE_{backend}") and int(os.environ.get("WORLD_SIZE", "1")) > 1 and on_cpu
 
 
+def launch_device() -> torch.device:
+    """The kind of device this process will train on, known before the Accelerator exists (its precision depends on
+    it)."""
+    if parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    return torch.device(torch.accelerator.current_accelerator().type)
+
+
 def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
     """An Accelerator for this launch; under an FSDP launch on CPUs, an FSDP2 one over gloo."""
     if mixed_precision == "bf16" and not is_bf16_available():

@@ -31,15 +31,15 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, DynamoBackend, TorchDynamoPlugin, broadcast_object_list, set_seed
 # The size parser of huggingface_hub's split_torch_state_dict_into_shards, which save_pretrained shards with.
 from huggingface_hub.serialization._base import parse_size_to_int
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
 from glade import GladeConfig, GladeForCausalLM, GladePreTrainedModel  # registers glade with the Auto classes
-from glade.hardware import cpu_name
-from glade.kernel_choice import CANDIDATES, fastest_compiled_attention
+from glade.hardware import MIXED_PRECISION_CHOICES, choose_precision, cpu_name
+from glade.kernel_choice import CANDIDATES, UNCOMPILED, choose_kernel
 
 from glade.atomic import atomic_directory, check_writable_directory
 from glade.checkpoints import COMPILED_PREFIX, check_weights, read_checkpoint_config, read_config_file
@@ -171,12 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--beta1", type=float)
     train.add_argument("--beta2", type=float)
     train.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping)")
-    train.add_argument("--mixed-precision", choices=["bf16", "no"], help="bf16 autocast or full fp32")
+    train.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES,
+                       help="bf16 autocast, or no (fp32); auto (default): bf16 where the device computes it natively "
+                            "(CUDA with bf16, x86 with avx512_bf16 or amx_bf16, arm64 with bf16), else fp32")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--compile-attention", choices=["auto", *CANDIDATES],
-                       help="attention kernel of a compiled CPU run; auto (default) times each on this machine at "
-                            "the run's shape and takes the faster")
+                       help="attention kernel of a compiled CPU run; auto (default) times one block on this machine "
+                            "at the run's shape with each, and uncompiled, and takes the fastest (uncompiled: the "
+                            "run trains eager)")
     train.add_argument("--seed", type=int)
 
     progress = group("evaluation, logging and checkpoints")
@@ -214,6 +217,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("beta1", "beta2"), (lambda value: 0 <= value < 1, "in [0, 1)")),
     "dropout": (lambda value: value is None or 0 <= value < 1, "in [0, 1)"),
     "optimizer": (lambda value: value in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "mixed_precision": (lambda value: value in MIXED_PRECISION_CHOICES, f"one of {', '.join(MIXED_PRECISION_CHOICES)}"),
     "compile_attention": (lambda value: value in ("auto", *CANDIDATES), f"one of auto, {', '.join(CANDIDATES)}"),
 }
 PATH_FIELDS = ("config", "init_from", "tokenizer", "output_dir", "cache_dir", "resume")
@@ -258,7 +262,7 @@ class PretrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
     compile_attention: str = "auto"
@@ -334,6 +338,7 @@ def pretrain(config: PretrainConfig) -> Path:
     check_writable_directory(config.output_dir)
 
     accelerator = make_accelerator(config)
+    config = replace(config, mixed_precision=accelerator.mixed_precision)  # auto resolved, as the card states it
     with one_run_per_output_dir(accelerator, config.output_dir):
         if config.resume is None:
             check_no_earlier_run(config.output_dir)
@@ -416,16 +421,16 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
         extra["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor")
     if config.report_to != "none":
         extra["log_with"] = config.report_to
+    precision = choose_precision(config.mixed_precision, distributed.launch_device())
     # The scheduler steps once per optimizer step, whatever the number of processes.
     accelerator = distributed.make_accelerator(
-        config.mixed_precision, step_scheduler_with_optimizer=False, project_dir=config.output_dir, **extra
+        precision.mixed_precision, step_scheduler_with_optimizer=False, project_dir=config.output_dir, **extra
     )
     if config.report_to != "none" and not accelerator.log_with:
         raise ValueError(f"--report-to {config.report_to}: no such tracker is installed (e.g. pip install tensorboard)")
-    compute = "bf16 autocast, fp32 weights" if accelerator.mixed_precision == "bf16" else "fp32"
     accelerator.print(
         f"glade pretrain: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-        f"device {accelerator.device}, precision {compute}"
+        f"device {accelerator.device}, precision {precision.describe()}"
     )
     return accelerator
 
@@ -535,15 +540,17 @@ def prepare_data(
 
 
 def compiled_cpu_attention(config: PretrainConfig, model_config: GladeConfig, accelerator: Accelerator) -> str:
-    """--compile-attention, or with auto the kernel that the main process timed fastest at this run's shape (every
-    process takes its choice, so all run the same kernel)."""
+    """--compile-attention, or with auto what the main process timed fastest for one block at this run's shape: an
+    attention kernel to compile with, or UNCOMPILED where the eager block is faster (every process takes its choice,
+    so all run alike)."""
     if config.compile_attention != "auto":
         return config.compile_attention
     choice = [None]
     if accelerator.is_main_process:
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-        measured = fastest_compiled_attention(model_config, config.batch_size, config.block_size, dtype)
-        accelerator.print(f"compiled attention on {cpu_name()}: {measured.describe()}")
+        measured = choose_kernel(model_config, config.batch_size, config.block_size, dtype, uncompiled=True)
+        outcome = "compiling" if measured.compiled else "eager is faster at this shape, so the run trains uncompiled"
+        accelerator.print(f"--compile on {cpu_name()}: {measured.describe()}; {outcome}")
         choice = [measured.implementation]
     return broadcast_object_list(choice)[0]
 
@@ -552,7 +559,10 @@ def prepare_training(config: PretrainConfig, model_config: PreTrainedConfig, acc
     """The model, optimizer and scheduler, prepared by accelerate for this launch."""
     model = build_model(config, model_config)
     if config.compile and accelerator.device.type == "cpu" and isinstance(model, GladePreTrainedModel):
-        model.set_attn_implementation(compiled_cpu_attention(config, model.config, accelerator))
+        if (attention := compiled_cpu_attention(config, model.config, accelerator)) == UNCOMPILED:
+            accelerator.state.dynamo_plugin.backend = DynamoBackend.NO  # accelerate.prepare compiles unless told
+        else:
+            model.set_attn_implementation(attention)
     optimizer = make_optimizer(
         model, config.optimizer, config.lr, config.weight_decay, (config.beta1, config.beta2),
         fused=distributed.can_fuse_optimizer(accelerator), muon_lr=config.muon_lr,

@@ -20,6 +20,7 @@ from subprocess_helpers import last_json_line, run_without_glade
 
 SHIPPED = Path(str(files("glade.model_cards") / "glade-gutenberg-7m"))
 REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "tinyshakespeare_150k.txt"
 TEXT = 'It was a dark and stormy night; the rain fell in torrents.\n\n"Who is there?" cried Mr. Lorry, twice.'
 
 
@@ -71,6 +72,25 @@ def test_loads_without_glade_through_remote_code(model, tmp_path):
         cwd=str(tmp_path),
     )
     assert (torch.tensor(last_json_line(stdout)) - expected).abs().max().item() == 0.0
+
+
+def test_continued_pretraining_starts_from_the_shipped_model(tmp_path):
+    # The user's command, in a process of its own: strict loading must hold under the installed transformers' load
+    # defaults (5.25 kernelizes every load, and the strictness check builds the model on the meta device).
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "glade.cli", "pretrain", "--init-from", str(SHIPPED), "--tokenizer", str(SHIPPED),
+        "--data", str(FIXTURE), "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "2",
+        "--batch-size", "2", "--block-size", "32", "--eval-every", "0", "--eval-batches", "1", "--save-every", "0",
+        "--lr", "1e-12", "--weight-decay", "0",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "glade pretrain: 1 process(es)" in result.stdout
+    # A vanishing learning rate: the export holds the shipped weights (Adam moves each by about lr per step).
+    continued = AutoModelForCausalLM.from_pretrained(output / "final").state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(SHIPPED).state_dict().items():
+        torch.testing.assert_close(continued[name], tensor, rtol=0, atol=1e-9, msg=name)
 
 
 def test_card_metadata_parses_and_matches_the_training_log():
