@@ -26,3 +26,15 @@ def model():
     from glade.tiny import tiny_model
 
     return tiny_model()
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """fake_cpu(machine, flags): what glade.hardware reads of the CPU (its architecture and feature flags)."""
+    from glade import hardware
+
+    def fake(machine: str, flags: str) -> None:
+        monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+        monkeypatch.setattr(hardware, "cpu_features", lambda: frozenset(flags.split()))
+
+    return fake

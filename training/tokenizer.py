@@ -61,8 +61,33 @@ def train_tokenizer(
     return wrap_tokenizer(backend)
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | Path) -> Path:
-    """Save to `output_dir` (replacing it) through a staging directory, so a crash never leaves half a tokenizer."""
+# What a saved tokenizer folder may hold: a folder of these files alone is replaced without --overwrite.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja",
+})
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output folder that holds anything but a tokenizer: it would be replaced whole."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--output-dir {path} is a file, not a folder")
+    if overwrite or not path.is_dir():
+        return
+    others = sorted(entry.name for entry in path.iterdir() if entry.name not in TOKENIZER_FILES)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(
+            f"--output-dir {path} holds files that are not a tokenizer's ({shown}); the tokenizer replaces the whole "
+            "folder, so choose an empty or new folder, or pass --overwrite to replace it"
+        )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Save to `output_dir` through a staging directory, so a crash never leaves half a tokenizer. The folder is
+    replaced whole: one holding anything but a tokenizer is refused unless `overwrite`."""
+    check_output_dir(output_dir, overwrite)
     with atomic_directory(output_dir) as staging:
         tokenizer.save_pretrained(staging)
     return Path(output_dir)
@@ -76,16 +101,18 @@ def train_tokenizer_from_data(
     split: str = "train",
     streaming: bool = False,
     min_frequency: int = 2,
+    overwrite: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train on text files or a dataset (anything `glade.training.data.resolve_source` accepts) and save."""
     from .data import iter_texts, load_documents, resolve_source
 
+    check_output_dir(output_dir, overwrite)
     source = resolve_source(data, text_column=text_column, split=split)
     documents = load_documents(source, streaming=streaming)
     tokenizer = train_tokenizer(iter_texts(documents, text_column), vocab_size, min_frequency=min_frequency)
     if len(tokenizer) <= MIN_VOCAB_SIZE:
         raise ValueError(f"no merges could be learned from {source.describe()}: is the text column empty?")
-    save_tokenizer(tokenizer, output_dir)
+    save_tokenizer(tokenizer, output_dir, overwrite)
     return tokenizer
 
 
@@ -126,7 +153,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", required=True,
                         help=".txt/.jsonl/.parquet files (globs ok), a dataset folder, or a Hub dataset id")
     parser.add_argument("--vocab-size", type=int, required=True, help=f"tokens in the vocabulary (>= {MIN_VOCAB_SIZE})")
-    parser.add_argument("--output-dir", required=True, help="where to save the tokenizer")
+    parser.add_argument("--output-dir", required=True,
+                        help="where to save the tokenizer; the folder is replaced whole, so one holding other files "
+                             "is refused without --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output-dir that holds other files")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--data-split", default="train", help="split of a Hub dataset")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
@@ -137,6 +167,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> None:
     tokenizer = train_tokenizer_from_data(
         args.data, args.vocab_size, args.output_dir, text_column=args.text_column, split=args.data_split,
-        streaming=args.streaming, min_frequency=args.min_frequency,
+        streaming=args.streaming, min_frequency=args.min_frequency, overwrite=args.overwrite,
     )
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.output_dir}")

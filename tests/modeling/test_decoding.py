@@ -1,10 +1,13 @@
 """`CompiledDecoder`: the same greedy tokens as `generate()`, one compiled graph, and the decode kernels it uses."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from glade import hardware
 from glade.decoding import CompiledDecoder, DecodeKernels
 
 PROMPT = torch.tensor([[10, 20, 30, 40, 50, 60]])
@@ -69,6 +72,21 @@ def test_bf16_weights_decode(gpt2_model):
     assert decoded.shape == (1, 22) and torch.equal(decoded[:, :6], PROMPT)
     # bf16 rounding may flip a near tie, so only most tokens must agree with generate()'s.
     assert (decoded == greedy(model, PROMPT, 16)).float().mean() > 0.8
+
+
+def test_a_decoder_of_bf16_weights_warns_where_the_cpu_emulates_bf16(gpt2_model, fake_cpu, caplog):
+    hardware.warn_emulated_bf16.cache_clear()
+    fake_cpu("x86_64", "avx2 fma")
+    with caplog.at_level(logging.WARNING, logger="glade.hardware"):
+        CompiledDecoder(gpt2_model, max_length=16)
+        assert not hardware_warnings(caplog)  # fp32 weights: nothing to say
+        CompiledDecoder(gpt2_model.to(torch.bfloat16), max_length=16)
+    [warning] = hardware_warnings(caplog)
+    assert "bf16 on a device that emulates it (this CPU has neither avx512_bf16 nor amx_bf16)" in warning
+
+
+def hardware_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "glade.hardware"]
 
 
 def test_too_long_requests_are_refused_with_both_lengths(gpt2_model):

@@ -8,7 +8,7 @@ import torch
 
 from checkpoint_helpers import rewrite_weights
 from glade.cli import main
-from glade.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, generate
+from glade.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, generate, load_generator
 from glade.tiny import byte_level_tokenizer, tiny_model
 
 
@@ -17,6 +17,14 @@ def checkpoint(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     byte_level_tokenizer().save_pretrained(tmp_path)
     return tmp_path
+
+
+@pytest.mark.parametrize("flags, expected", [("avx2 fma", torch.float32), ("avx2 avx512_bf16", torch.bfloat16)])
+def test_bf16_weights_run_in_fp32_where_the_cpu_would_emulate_bf16(tmp_path, fake_cpu, flags, expected):
+    tiny_model().to(torch.bfloat16).save_pretrained(tmp_path)
+    byte_level_tokenizer().save_pretrained(tmp_path)
+    fake_cpu("x86_64", flags)
+    assert load_generator(str(tmp_path), device="cpu").model.dtype == expected
 
 
 def test_greedy_generation_from_a_checkpoint_matches_model_generate(checkpoint):

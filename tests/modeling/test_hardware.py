@@ -23,15 +23,6 @@ CPUS = [
 
 
 @pytest.fixture
-def fake_cpu(monkeypatch):
-    def fake(machine: str, flags: str) -> None:
-        monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
-        monkeypatch.setattr(hardware, "cpu_features", lambda: frozenset(flags.split()))
-
-    return fake
-
-
-@pytest.fixture
 def fake_cuda(monkeypatch):
     def fake(bf16: bool) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import glade.training.pretrain as pretrain_module
 from checkpoint_helpers import rewrite_weights
-from glade import hardware
 from glade.cli import main as glade_main
 from glade.hardware import cpu_name
 from glade.kernel_choice import UNCOMPILED, KernelChoice
@@ -36,11 +35,10 @@ def read_jsonl(path):
 
 
 def test_pretraining_learns_and_exports_a_pipeline_ready_model(
-    base_options, argv, fresh_accelerate, capsys, shakespeare, monkeypatch
+    base_options, argv, fresh_accelerate, capsys, shakespeare, fake_cpu
 ):
     # The default precision on a CPU without bf16 instructions (Zen 3, say): fp32, and the start-up line says why.
-    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(hardware, "cpu_features", lambda: frozenset({"avx2", "fma"}))
+    fake_cpu("x86_64", "avx2 fma")
     options = {**base_options, "max_steps": 200, "batch_size": 16, "block_size": 64, "warmup_steps": 20,
                "eval_every": 100, "eval_batches": 8, "log_every": 10, "save_every": 100, "keep_last": 1}
     del options["mixed_precision"]

@@ -52,6 +52,30 @@ def test_cli_names_a_missing_text_column(tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
+def test_cli_never_wipes_a_folder_that_holds_more_than_a_tokenizer(tmp_path, capsys):
+    # Pointed at the data's own folder, training must not delete the data (it used to, and exit 0).
+    data = tmp_path / "corpus.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    command = ["train-tokenizer", "--data", str(data), "--vocab-size", "300", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        glade_main(command)
+    assert exit_info.value.code == 2
+    assert f"--output-dir {tmp_path} holds files that are not a tokenizer's (corpus.txt)" in capsys.readouterr().err
+    assert data.read_text().startswith("the quick brown fox") and sorted(p.name for p in tmp_path.iterdir()) == [
+        "corpus.txt"]
+
+    # A folder holding only an earlier tokenizer is replaced; --overwrite replaces anything.
+    tokenizer_dir = tmp_path / "tok"
+    for _ in range(2):
+        assert glade_main([*command[:-1], str(tokenizer_dir)]) == 0
+    (tokenizer_dir / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit):
+        glade_main([*command[:-1], str(tokenizer_dir)])
+    assert (tokenizer_dir / "notes.md").exists()
+    assert glade_main([*command[:-1], str(tokenizer_dir), "--overwrite"]) == 0
+    assert not (tokenizer_dir / "notes.md").exists() and load_tokenizer(tokenizer_dir)
+
+
 def test_load_tokenizer_requires_an_existing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer directory .*missing does not exist"):
         load_tokenizer(tmp_path / "missing")
