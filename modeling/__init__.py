@@ -35,13 +35,19 @@ for _auto, _model in (
 ):
     _auto.register(GladeConfig, _model, exist_ok=True)
 
-# Saved checkpoints carry the two flat modeling files, so they load with trust_remote_code=True without glade.
+# Saved checkpoints carry the flat modeling files (transformers copies each module the auto classes name and every
+# module those import relatively), so they load with trust_remote_code=True without glade.
+REMOTE_CODE_FILES = (
+    "configuration_glade.py", "modeling_glade.py", "kernels_glade.py", "fast_generate.py", "decoding.py",
+    "sampling.py", "hardware.py",
+)
 GladeConfig.register_for_auto_class()
 GladeModel.register_for_auto_class("AutoModel")
 GladeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "PRESETS",
+    "REMOTE_CODE_FILES",
     "GladeConfig",
     "GladeModel",
     "GladePreTrainedModel",

@@ -1,10 +1,10 @@
-"""Fast greedy decoding: a static cache, one compiled step per token, and matrix-vector products that stream weights.
+"""Fast decoding: a static cache, one compiled step per token, and matrix-vector products that stream weights.
 
 At batch 1 a decoding step reads every weight once and does two FLOPs per weight, so its floor is the time to stream
 the weights from memory. `generate()` spends most of a small model's step elsewhere: its per-token Python (input
 preparation, logits processors, stopping criteria, cache bookkeeping) and, on CPU, BLAS matrix-vector products that
 run well below memory bandwidth. `CompiledDecoder` keeps the model's own forward and transformers' `StaticCache`, and
-compiles one step, from the last token to the next one (argmax included), into a single graph that is called once per
+compiles one step, from the last token to the next one (its sampling filters included), into a single graph that is called once per
 token with no other work between calls. Measurements and a profile: docs/benchmarks.md.
 """
 
@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel, StaticCache
+from transformers.generation.streamers import BaseStreamer
 
 from .hardware import bf16_support, native_bf16, warn_emulated_bf16
+from .sampling import Sampling, choose, process_scores, seen_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -83,47 +85,66 @@ def decode_step(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     attention_mask: torch.Tensor,
+    seen: torch.Tensor,
+    generated: torch.Tensor,
+    sampling: Sampling,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The greedy next token after `tokens` (one per row) at `positions`, and the positions after them."""
+    """After `tokens` (one per row, at `positions`): the greedy next token [batch, 1], or with sampling the
+    probabilities to draw it from [batch, vocab]; and the positions after them. `seen` gains `tokens`."""
+    seen.scatter_(1, tokens, True)
+    logits = model(
+        input_ids=tokens, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
+    ).logits
+    scores = process_scores(logits[:, -1], seen, generated, sampling)
+    return (scores.softmax(-1) if sampling.do_sample else scores.argmax(-1, keepdim=True)), positions + 1
+
+
+def fused_decode_step(*args) -> tuple[torch.Tensor, torch.Tensor]:
     with DecodeKernels():
-        logits = model(
-            input_ids=tokens, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
-        ).logits
-    return logits[:, -1].argmax(-1, keepdim=True), positions + 1
+        return decode_step(*args)
 
 
 # One compiled function for every decoder: models and caches are its arguments, so decoders of models with the same
-# config and batch size share a graph, and new ones add entries to torch.compile's cache only for new shapes. A C++
-# wrapper calls the graph's kernels: ~0.1 ms less per token than the Python one for ~2 s more compilation.
-compiled_decode_step = torch.compile(decode_step, fullgraph=True, options={"cpp_wrapper": True})
+# config and batch size share a graph, and new ones add entries to torch.compile's cache only for new shapes. Sampling
+# settings are tensors, so new values reuse the graph; greedy and sampling, and top-k and top-p on or off, are separate
+# graphs. A C++ wrapper calls the graph's kernels: ~0.1 ms less per token than the Python one for ~2 s more compilation.
+compiled_decode_step = torch.compile(fused_decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
 
 class CompiledDecoder:
-    """Greedy decoding of a causal LM, token-identical to `model.generate(do_sample=False)` up to float rounding.
+    """Decoding of a causal LM through a static cache, token for token what `model.generate()` gives.
 
         decoder = CompiledDecoder(model, max_length=256)
         sequences = decoder.generate(input_ids, max_new_tokens=100)   # [batch, prompt + new] like generate()
 
-    The prompt runs eagerly through the static cache; every following token is one call of the compiled step. The
-    first call of a new batch size compiles (~15 s for a small model); later calls reuse it. `max_length` (prompt +
-    new tokens) sizes the cache and defaults to the model's context. Left-padded batches need their `attention_mask`.
-    The model is put in eval mode (no dropout), and weights changed later are used by the next call.
+    Greedy by default; `sampling` (see `glade.sampling`) adds transformers' repetition penalty, minimum length,
+    temperature, top-k and top-p, drawn with `generator` like generate() draws from the global one. The prompt runs
+    eagerly through the static cache; every following token is one call of the compiled step (`compile=False` runs
+    the same step eagerly: no compilation, for requests too short to pay for it). The first call of a new batch size
+    compiles (~15 s for a small model); later calls reuse it. `max_length` (prompt + new tokens) sizes the cache and
+    defaults to the model's context. Left-padded batches need their `attention_mask`. The model is put in eval mode
+    (no dropout), and weights changed later are used by the next call. One decoder serves one call at a time.
     """
 
-    def __init__(self, model: PreTrainedModel, max_length: int | None = None):
+    def __init__(self, model: PreTrainedModel, max_length: int | None = None, compile: bool = True):
         context = model.config.max_position_embeddings
         self.max_length = max_length or context
         if not 1 < self.max_length <= context:
             raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {self.max_length}")
         self.model = model.eval()
+        self.step = compiled_decode_step if compile else decode_step
         self.cache: StaticCache | None = None
         if model.dtype == torch.bfloat16 and not native_bf16(model.device):
             warn_emulated_bf16(bf16_support(model.device))
-        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and torch.get_num_threads() > 1:
+        if compile and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and torch.get_num_threads() > 1:
             logger.warning(
                 "OMP_WAIT_POLICY=PASSIVE: each of a compiled step's parallel loops ends with its threads asleep, and "
                 "decoding runs ~2.5x slower than with OpenMP's default policy (docs/benchmarks.md)"
             )
+
+    @property
+    def compiled(self) -> bool:
+        return self.step is compiled_decode_step
 
     @torch.no_grad()
     def generate(
@@ -133,9 +154,13 @@ class CompiledDecoder:
         attention_mask: torch.Tensor | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        sampling: Sampling | None = None,
+        generator: torch.Generator | None = None,
+        streamer: BaseStreamer | None = None,
     ) -> torch.Tensor:
-        """Prompt + up to `max_new_tokens` greedy tokens per row. With `eos_token_id`, a row that emits it is padded
-        with `pad_token_id` (default: the first end id) from then on, and decoding stops once every row has ended."""
+        """Prompt + up to `max_new_tokens` new tokens per row. With `eos_token_id`, a row that emits it is padded
+        with `pad_token_id` (default: the first end id) from then on, and decoding stops once every row has ended.
+        A `streamer` gets the prompt, then each step's tokens, as from generate()."""
         batch, prompt_length = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -145,8 +170,11 @@ class CompiledDecoder:
                 f"max_length of {self.max_length}: shorten them or build the decoder with a larger max_length"
             )
         device = input_ids.device
+        vocab_size = self.model.config.vocab_size
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if sampling is None:
+            sampling = greedy(vocab_size, device)
         # The mask keeps one shape for the whole run (the cache's), so the compiled step never sees a new one; the
         # positions not generated yet are hidden by causality.
         full_mask = attention_mask.new_ones((batch, self.max_length))
@@ -155,20 +183,30 @@ class CompiledDecoder:
         if pad_token_id is None:
             pad_token_id = int(stop_ids[0]) if stop_ids.numel() else 0
         self._reset_cache(batch)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
 
         # The prompt runs eagerly: its length is seen once, and the compiled step only ever sees one token per row.
         logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True, logits_to_keep=1
         ).logits
-        tokens = logits[:, -1].argmax(-1, keepdim=True)
+        seen = seen_tokens(input_ids, attention_mask, vocab_size)
+        generated = torch.zeros((), dtype=torch.long, device=device)
+        tokens = choose(process_scores(logits[:, -1], seen, generated, sampling), sampling, generator)
         positions = attention_mask.long().sum(-1, keepdim=True)  # the next token's position (left padding excluded)
         done = torch.zeros((batch, 1), dtype=torch.bool, device=device)
+        # A streamer sees every step, so the loop may as well stop at the first step where every row has ended.
+        done_check_interval = 1 if streamer is not None else DONE_CHECK_INTERVAL
         new_tokens = []
         with contextlib.ExitStack() as later_steps:
             for step in range(max_new_tokens):
                 if step > 0:
-                    tokens, positions = compiled_decode_step(self.model, self.cache, tokens, positions, full_mask)
-                if step == 1:
+                    generated = generated + 1
+                    choice, positions = self.step(
+                        self.model, self.cache, tokens, positions, full_mask, seen, generated, sampling
+                    )
+                    tokens = torch.multinomial(choice, 1, generator=generator) if sampling.do_sample else choice
+                if step == 1 and self.compiled:
                     # The first call checked the compiled step's guards; later calls differ from it in tensor values
                     # only, and checking the guards of every module again would take a fifth of a small model's step.
                     later_steps.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
@@ -176,8 +214,12 @@ class CompiledDecoder:
                     tokens = tokens.masked_fill(done, pad_token_id)
                     done = done | torch.isin(tokens, stop_ids)
                 new_tokens.append(tokens)
-                if stop_ids.numel() and step % DONE_CHECK_INTERVAL == DONE_CHECK_INTERVAL - 1 and bool(done.all()):
+                if streamer is not None:
+                    streamer.put(tokens[:, 0].cpu())
+                if stop_ids.numel() and step % done_check_interval == done_check_interval - 1 and bool(done.all()):
                     break
+        if streamer is not None:
+            streamer.end()
         return self._trim(torch.cat([input_ids, *new_tokens], dim=1), prompt_length, stop_ids)
 
     @staticmethod
@@ -196,7 +238,19 @@ class CompiledDecoder:
 
     def _reset_cache(self, batch: int) -> None:
         layer = self.cache.layers[0] if self.cache is not None else None
-        if layer is not None and (not layer.is_initialized or layer.batch_size == batch):
+        if layer is not None and (
+            not layer.is_initialized
+            or (layer.batch_size == batch and layer.keys.dtype == self.model.dtype and layer.device == self.model.device)
+        ):
             self.cache.reset()
             return
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_length)
+
+
+def greedy(vocab_size: int, device: torch.device) -> Sampling:
+    """Plain greedy decoding: no penalty, no minimum length."""
+    zero, one = torch.zeros((), dtype=torch.long, device=device), torch.ones((), device=device)
+    end_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    return Sampling(
+        do_sample=False, end_mask=end_mask, min_new_tokens=zero, repetition_penalty=one, temperature=one
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult
 from transformers import GenerationConfig
 
+from glade import REMOTE_CODE_FILES
 from glade.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, generate
 from glade.hardware import cpu_name
 from glade.training.metrics import read_metrics
@@ -29,7 +30,7 @@ PROMPTS = [
 ]
 SHIPPED_FILES = [
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-    "configuration_glade.py", "modeling_glade.py", "kernels_glade.py", "metrics.jsonl", "loss_curve.png",
+    *REMOTE_CODE_FILES, "metrics.jsonl", "loss_curve.png",
 ]
 # Chosen by reading samples: below 0.8 / top-50 a model this small stays on topic. Only sampling settings live in
 # generation_config.json: a max_new_tokens there overrides a caller's max_length, and a repetition penalty changes

@@ -21,7 +21,7 @@ from torch import nn
 
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import (
@@ -40,6 +40,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_glade import GladeConfig
+from .fast_generate import fast_generate
 from .kernels_glade import causal_lm_loss_from_hidden, repeat_kv
 
 
@@ -511,6 +512,13 @@ class GladeForCausalLM(GladePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ) -> torch.Tensor:
+        """transformers' `generate()`, run on Glade's fast decoder when the request fits it (`fast_generate.py`):
+        the same tokens, greedy or seeded. `fast_decoding="off"` (a keyword or a generation config field) turns it
+        off; `generator=` seeds the sampling on either route."""
+        return fast_generate(self, super().generate, inputs, generation_config, **kwargs)
 
     def unembed(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states: the output head, then the soft cap if the config sets one."""

@@ -37,8 +37,8 @@ def remote_code_files(checkpoint: Path) -> set[str]:
     return found
 
 
-def test_the_modeling_files_and_what_they_import_are_found():
-    assert {"configuration_glade.py", "modeling_glade.py"} <= remote_code_files(SHIPPED[-1])
+def test_remote_code_files_names_what_the_auto_classes_import():
+    assert remote_code_files(SHIPPED[-1]) == set(glade.REMOTE_CODE_FILES)
 
 
 @pytest.mark.parametrize("checkpoint", SHIPPED, ids=[path.name for path in SHIPPED])

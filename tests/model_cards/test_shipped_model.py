@@ -74,6 +74,24 @@ def test_loads_without_glade_through_remote_code(model, tmp_path):
     assert (torch.tensor(last_json_line(stdout)) - expected).abs().max().item() == 0.0
 
 
+def test_remote_code_samples_on_the_fast_route_as_transformers_does(model, tmp_path):
+    ids = [[464, 1092, 373, 257, 2042]]
+    seed = torch.Generator().manual_seed(0)
+    expected = model.generate(torch.tensor(ids), max_new_tokens=12, fast_decoding="off", generator=seed)
+    stdout = run_without_glade(
+        f"""
+        import json, sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(SHIPPED)!r}, trust_remote_code=True)
+        tokens = model.generate(torch.tensor({ids}), max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+        route = next(module for name, module in sys.modules.items() if name.endswith(".fast_generate"))
+        print(json.dumps({{"tokens": tokens.tolist(), "models on the fast route": len(route._pools)}}))
+        """,
+        cwd=str(tmp_path),
+    )
+    assert last_json_line(stdout) == {"tokens": expected.tolist(), "models on the fast route": 1}
+
+
 def test_continued_pretraining_starts_from_the_shipped_model(tmp_path):
     # The user's command, in a process of its own: strict loading must hold under the installed transformers' load
     # defaults (5.25 kernelizes every load, and the strictness check builds the model on the meta device).

@@ -15,7 +15,9 @@ PROMPT = torch.tensor([[10, 20, 30, 40, 50, 60]])
 
 def greedy(model, ids, new_tokens, **options):
     options.setdefault("eos_token_id", None)
-    return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=256, **options)
+    return model.generate(
+        ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=256, fast_decoding="off", **options
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from checkpoint_helpers import rewrite_weights
+from glade import fast_generate
 from glade.cli import main
+from glade.decoding import CompiledDecoder
 from glade.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, generate, load_generator
 from glade.tiny import byte_level_tokenizer, tiny_model
 
@@ -31,7 +34,7 @@ def test_greedy_generation_from_a_checkpoint_matches_model_generate(checkpoint):
     text = generate(["Hello"], model=str(checkpoint), max_new_tokens=6, greedy=True)[0]
     tokenizer = byte_level_tokenizer()
     ids = torch.tensor([tokenizer("Hello")["input_ids"]])
-    expected = tiny_model().generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=256)
+    expected = tiny_model().generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=256, fast_decoding="off")
     assert text == tokenizer.decode(expected[0])
 
 
@@ -42,11 +45,12 @@ def test_seeded_sampling_is_reproducible(checkpoint):
 
 
 def greedy_continuation(prompt: str, max_new_tokens: int) -> str:
-    """The tiny model's own greedy continuation, through model.generate (not the pipeline)."""
+    """The tiny model's own greedy continuation, through transformers' generate() (not the pipeline)."""
     tokenizer = byte_level_tokenizer()
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     output = tiny_model().generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=256
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=256,
+        fast_decoding="off",
     )
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
@@ -108,9 +112,21 @@ def test_a_prompt_that_fills_the_context_is_an_error_naming_both_lengths(checkpo
             "so no token fits after it: shorten the prompt") in capsys.readouterr().err
 
 
-def test_cli_prints_the_continuation(checkpoint, capsys):
-    assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.startswith("Hello")
+@pytest.mark.parametrize("flags, compiled", [([], False), (["--compile"], True)], ids=["default", "--compile"])
+def test_cli_decodes_on_the_fast_route_eagerly_unless_asked_to_compile(checkpoint, capsys, monkeypatch, flags, compiled):
+    built = []
+
+    class RecordingDecoder(CompiledDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.compiled)
+
+    monkeypatch.setattr(fast_generate, "CompiledDecoder", RecordingDecoder)
+    assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "6", *flags]) == 0
+    out, err = capsys.readouterr()
+    assert out == greedy_continuation("Hello", 6) + "\n"
+    assert built == [compiled]
+    assert re.search(r"first token after \d+ ms; 6 steps, then \d+ steps/s", err)
 
 
 def test_console_script_runs_the_default_model():

@@ -35,7 +35,7 @@ def test_saved_files_carry_auto_map_and_generation_config(tmp_path, model):
         "AutoModel": "modeling_glade.GladeModel",
         "AutoModelForCausalLM": "modeling_glade.GladeForCausalLM",
     }
-    for remote_code in ("configuration_glade.py", "modeling_glade.py", "kernels_glade.py"):
+    for remote_code in glade.REMOTE_CODE_FILES:
         assert (tmp_path / remote_code).is_file(), remote_code
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 256

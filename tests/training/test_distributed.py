@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from glade import GladeForCausalLM
+from glade import REMOTE_CODE_FILES, GladeForCausalLM
 from glade.cli import main as glade_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "accelerate_configs"
@@ -122,9 +122,8 @@ def check_single_export(output: Path, stdout: str, stderr: str, distributed_type
     assert [p.name for p in output.iterdir() if p.name.startswith(".")] == [".lock"]
     final = output / "final"
     assert {p.name for p in final.iterdir()} == {
-        "README.md", "config.json", "configuration_glade.py", "generation_config.json", "loss_curve.png",
-        "metrics.jsonl", "model.safetensors", "modeling_glade.py", "kernels_glade.py", "tokenizer.json",
-        "tokenizer_config.json"}
+        "README.md", "config.json", "generation_config.json", "loss_curve.png", "metrics.jsonl", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json", *REMOTE_CODE_FILES}
     auto_map = json.loads((final / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_glade.GladeForCausalLM"
 

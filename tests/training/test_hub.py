@@ -16,6 +16,7 @@ from hub_server import LocalHub, refusing_url, silent_server
 from subprocess_helpers import last_json_line, run_without_glade
 
 import glade.training.hub as hub_module
+from glade import REMOTE_CODE_FILES
 from glade.cli import main as glade_main
 from glade.training.hub import HubPushError, push_folder
 from glade.training.model_card import write_model_card
@@ -25,7 +26,7 @@ METRICS = [{"step": 20, "train_loss": 5.5, "lr": 1e-3, "tokens_seen": 2560, "tok
            {"step": 20, "val_loss": 5.4, "val_ppl": 221.406, "val_bpb": 7.79},
            {"step": 40, "train_loss": 5.3, "lr": 5e-4, "tokens_seen": 5120, "tokens_per_sec": 910.0},
            LAST_EVAL]
-REMOTE_CODE = ["configuration_glade.py", "modeling_glade.py", "kernels_glade.py"]
+REMOTE_CODE = list(REMOTE_CODE_FILES)
 
 
 @pytest.fixture
