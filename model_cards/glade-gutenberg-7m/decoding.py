@@ -11,6 +11,7 @@ token with no other work between calls. Measurements and a profile: docs/benchma
 import contextlib
 import logging
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,8 @@ class CompiledDecoder:
     the same step eagerly: no compilation, for requests too short to pay for it). The first call of a new batch size
     compiles (~15 s for a small model); later calls reuse it. `max_length` (prompt + new tokens) sizes the cache and
     defaults to the model's context. Left-padded batches need their `attention_mask`. The model is put in eval mode
-    (no dropout), and weights changed later are used by the next call. One decoder serves one call at a time.
+    (no dropout), and weights changed later are used by the next call. One decoder serves one call at a time; calls
+    from other threads wait for it.
     """
 
     def __init__(self, model: PreTrainedModel, max_length: int | None = None, compile: bool = True):
@@ -134,6 +136,9 @@ class CompiledDecoder:
         self.model = model.eval()
         self.step = compiled_decode_step if compile else decode_step
         self.cache: StaticCache | None = None
+        # One call at a time: calls share the cache, and compiled kernels run from two threads at once have crashed
+        # the process.
+        self.lock = threading.Lock()
         if model.dtype == torch.bfloat16 and not native_bf16(model.device):
             warn_emulated_bf16(bf16_support(model.device))
         if compile and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and torch.get_num_threads() > 1:
@@ -160,7 +165,24 @@ class CompiledDecoder:
     ) -> torch.Tensor:
         """Prompt + up to `max_new_tokens` new tokens per row. With `eos_token_id`, a row that emits it is padded
         with `pad_token_id` (default: the first end id) from then on, and decoding stops once every row has ended.
-        A `streamer` gets the prompt, then each step's tokens, as from generate()."""
+        A `streamer` gets the prompt, then each step's tokens, as from generate(). Calls from several threads take
+        turns."""
+        with self.lock:
+            return self._generate(
+                input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id, sampling, generator, streamer
+            )
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        attention_mask: torch.Tensor | None,
+        eos_token_id: int | list[int] | None,
+        pad_token_id: int | None,
+        sampling: Sampling | None,
+        generator: torch.Generator | None,
+        streamer: BaseStreamer | None,
+    ) -> torch.Tensor:
         batch, prompt_length = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -2,7 +2,8 @@
 
 `generate()` builds a list of processors from the generation config and applies them in order: repetition penalty,
 minimum length, then (sampling only) temperature, top-k and top-p; then softmax and `torch.multinomial`, or argmax.
-`Sampling` holds the same settings as tensors, so a compiled decoding step serves new values without recompiling, and
+`Sampling` holds the same settings as tensors, so a compiled decoding step serves new values without recompiling (top-k
+keeps the best `top_k_bound` scores, the power of two above k, then cuts at the k-th: one graph per power), and
 `process_scores` repeats the processors' arithmetic op for op, so that a seed draws the same tokens as `generate()`.
 `Sampling.from_processors` reads the settings off the list transformers built, and refuses any processor it does not
 reproduce.
@@ -35,6 +36,7 @@ class Sampling:
     repetition_penalty: torch.Tensor
     temperature: torch.Tensor
     top_k: torch.Tensor | None = None
+    top_k_bound: int = 0  # a power of two >= top_k: the graph holds topk(top_k_bound), not one graph per top_k
     top_p_cut: torch.Tensor | None = None  # 1 - top_p, computed in float64 as transformers does before comparing
 
     @classmethod
@@ -51,6 +53,7 @@ class Sampling:
         end_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         settings = {"min_new_tokens": 0, "repetition_penalty": 1.0, "temperature": 1.0}
         top_k = top_p_cut = None
+        top_k_bound = 0
         for processor in processors:
             if isinstance(processor, RepetitionPenaltyLogitsProcessor):
                 settings["repetition_penalty"] = processor.penalty
@@ -63,7 +66,8 @@ class Sampling:
             elif isinstance(processor, TemperatureLogitsWarper):
                 settings["temperature"] = processor.temperature
             elif isinstance(processor, TopKLogitsWarper):
-                top_k = scalar(min(processor.top_k, vocab_size), torch.long)
+                k = min(processor.top_k, vocab_size)
+                top_k, top_k_bound = scalar(k, torch.long), min(vocab_size, 1 << (k - 1).bit_length())
             elif isinstance(processor, TopPLogitsWarper) and processor.min_tokens_to_keep == 1:
                 top_p_cut = scalar(1 - processor.top_p)
             else:
@@ -75,6 +79,7 @@ class Sampling:
             repetition_penalty=scalar(settings["repetition_penalty"]),
             temperature=scalar(settings["temperature"]),
             top_k=top_k,
+            top_k_bound=top_k_bound,
             top_p_cut=top_p_cut,
         )
 
@@ -101,8 +106,7 @@ def process_scores(
         return scores
     scores = scores / sampling.temperature
     if sampling.top_k is not None:
-        # The k-th largest score by sorting, as a tensor k reuses the graph where topk(k) would specialise on it.
-        kth = scores.sort(dim=-1, descending=True).values.index_select(-1, (sampling.top_k - 1).reshape(1))
+        kth = scores.topk(sampling.top_k_bound).values.index_select(-1, (sampling.top_k - 1).reshape(1))
         scores = scores.masked_fill(scores < kth, FILTERED)
     if sampling.top_p_cut is not None:
         sorted_scores, order = torch.sort(scores, descending=False)
