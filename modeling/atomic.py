@@ -1,11 +1,14 @@
 """Write files, pictures and directories so that readers (and a resumed run) never see half of one.
 
-Everything is first written under a temporary name in the same directory, then renamed into place: a rename
-within one filesystem is atomic, so a crash leaves either the old result or the new one, never a mix.
+Everything is first written under a temporary name in the same directory, flushed to disk (fsync), then renamed
+into place, and the rename is flushed too: a rename within one filesystem is atomic, so a crash or a power loss
+leaves either the old result or the new one, never a mix or a complete-looking folder of unflushed data. A write that
+fills the disk removes what it wrote and raises `NoSpaceLeftError`, one line naming the path.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -19,6 +22,92 @@ if TYPE_CHECKING:  # only for the annotation: importing matplotlib takes a while
     from matplotlib.figure import Figure
 
 
+# Free bytes under which a failed write is taken to have filled the disk, whatever the writer said (numpy's tofile,
+# which gguf writes with, reports only "N requested and M written").
+FULL_DISK_BYTES = 1 << 20
+
+
+class NoSpaceLeftError(OSError):
+    """A write that ran out of disk space; the message names the path."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file()) if path.is_dir() else 0
+
+
+def no_space_left(error: BaseException, target: Path, partial: Path) -> NoSpaceLeftError | None:
+    """`error` as one line naming `target` if the write failed because the disk is full, else None; `partial` is
+    what had been written (its size says how much more than that was needed)."""
+    if not isinstance(error, Exception):  # an interrupt is not a full disk, whatever the free space
+        return None
+    causes, cause = [], error
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    said = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left on device" in str(c) for c in causes)
+    # Writers' I/O failures: OSError (numpy, gguf, open), RuntimeError (torch.save), safetensors' own error type.
+    io_failure = any(isinstance(c, (OSError, RuntimeError)) or type(c).__name__ == "SafetensorError" for c in causes)
+    free = _free_bytes(target.parent)
+    if not (said or (io_failure and free is not None and free < FULL_DISK_BYTES)):
+        return None
+    written = _tree_bytes(partial) / 1e6
+    return NoSpaceLeftError(
+        f"{target}: no space left on device (it needed more than the {written:.1f} MB written before the disk filled; "
+        f"{(free or 0) / 1e6:.1f} MB free); nothing was left behind",
+    )
+
+
+@contextmanager
+def removed_on_failure(target: Path, partial: Path) -> Iterator[None]:
+    """Delete `partial` (a file or a staging folder for `target`) if the block fails; a full disk becomes
+    `NoSpaceLeftError`."""
+    try:
+        yield
+    except BaseException as error:
+        full = no_space_left(error, target, partial)
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        if full is not None:
+            raise full from error
+        raise
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (directories only where the OS can open them: POSIX)."""
+    if path.is_dir() and os.name != "posix":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file and folder under `directory`, and `directory` itself, before it is renamed into place."""
+    for path in sorted(directory.rglob("*"), key=lambda entry: len(entry.parts), reverse=True):
+        fsync_path(path)
+    fsync_path(directory)
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer to fill; on success it becomes `path`, on error it is
@@ -27,13 +116,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    try:
+    with removed_on_failure(path, Path(tmp)):
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be read by others
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fsync_path(path.parent)
 
 
 def write_bytes_atomically(path: str | Path, data: bytes) -> None:
@@ -84,16 +172,15 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
         raise FileExistsError(f"Destination {target} is not empty; pass --overwrite (overwrite=True) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    with removed_on_failure(target, staging):
         yield staging
         os.chmod(staging, 0o755)
         # Some writers (safetensors through transformers' save) create 0600 files; a saved model is for everyone.
         for path in staging.rglob("*"):
             path.chmod(path.stat().st_mode | (0o055 if path.is_dir() else 0o044))
+        fsync_tree(staging)
         replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        fsync_path(target.parent)
 
 
 def check_writable_directory(path: str | Path) -> Path:

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from .configuration_glade import GladeConfig
+from .manifest import MANIFEST, verify_manifest
 from .tiny import byte_level_tokenizer, tiny_config, tiny_model
 
 TINY_RANDOM = "tiny-random"
@@ -149,10 +150,14 @@ def load_causal_lm(name: str, **kwargs: Any) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained`, strictly.
 
     transformers fills a missing tensor with random values and drops an unexpected one, with only a warning; here
-    either, or a tensor whose shape disagrees with the config, is a ValueError naming them.
+    either, or a tensor whose shape disagrees with the config, is a ValueError naming them. A folder with a manifest
+    (pretraining's `final/`) is checked against it first.
     """
+    checkpoint = resolve_checkpoint(name)
+    if (Path(checkpoint) / MANIFEST).is_file():
+        verify_manifest(Path(checkpoint), "model")
     model, loading = AutoModelForCausalLM.from_pretrained(
-        resolve_checkpoint(name), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        checkpoint, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
     )
     check_tensors(name, loading["missing_keys"], loading["unexpected_keys"], loading["mismatched_keys"])
     return model

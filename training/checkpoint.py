@@ -9,7 +9,6 @@ damaged checkpoint is detected before it is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -17,12 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from glade.atomic import replace_directory, write_text_atomically
+from glade.atomic import fsync_path, fsync_tree, removed_on_failure, replace_directory, write_text_atomically
+from glade.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-MARKER = "COMPLETE"
+MARKER = MANIFEST
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -52,25 +52,9 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
-
-
 def write_marker(directory: Path, step: int) -> None:
     """Record every file of the finished checkpoint; the marker's presence means "complete"."""
-    manifest = {
-        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        for path in _files(directory)
-    }
-    write_text_atomically(directory / MARKER, json.dumps({"step": step, "files": manifest}, indent=1))
+    write_manifest(directory, step=step)
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
@@ -78,24 +62,17 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
-    marker = directory / MARKER
-    if not marker.is_file():
+    if not (directory / MARKER).is_file():
         raise CheckpointError(
             f"checkpoint {directory} is incomplete: it has no {MARKER} marker (the run was probably stopped while "
             "saving it)"
         )
     try:
-        manifest = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"checkpoint {directory} is corrupt: its {MARKER} marker is unreadable ({error})")
-    if TRAINER_STATE not in manifest:
+        manifest = verify_manifest(directory, "checkpoint")
+    except ManifestError as error:
+        raise CheckpointError(str(error)) from None
+    if TRAINER_STATE not in manifest["files"]:
         raise CheckpointError(f"checkpoint {directory} is corrupt: it records no {TRAINER_STATE}")
-    for name, expected in manifest.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing")
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its recorded checksum")
     return read_trainer_state(directory)
 
 
@@ -134,12 +111,16 @@ def save_checkpoint(
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)  # left by a run killed while saving this step
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    with removed_on_failure(final, staging):
+        accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()  # every rank's shards and RNG states must be on disk before the marker
     if accelerator.is_main_process:
-        write_text_atomically(staging / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-        write_marker(staging, step)
-        replace_directory(staging, final)
+        with removed_on_failure(final, staging):
+            write_text_atomically(staging / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+            write_marker(staging, step)
+            fsync_tree(staging)
+            replace_directory(staging, final)
+            fsync_path(final.parent)
         prune_checkpoints(output_dir, keep_last)
     return final
 

@@ -42,6 +42,7 @@ from glade.hardware import MIXED_PRECISION_CHOICES, choose_precision, cpu_name
 from glade.kernel_choice import CANDIDATES, UNCOMPILED, choose_kernel
 
 from glade.atomic import atomic_directory, check_writable_directory
+from glade.manifest import write_manifest
 from glade.checkpoints import COMPILED_PREFIX, check_weights, read_checkpoint_config, read_config_file
 from . import distributed
 from .checkpoint import (
@@ -848,7 +849,8 @@ def check_finite_weights(model, accelerator: Accelerator, step: int) -> None:
 def export_final(
     accelerator: Accelerator, model, tokenizer, config: PretrainConfig, metrics: MetricsLog, source: TextSource
 ) -> Path:
-    """Write `final/`: weights (safetensors), tokenizer, generation config, metrics, loss curve and model card."""
+    """Write `final/`: weights (safetensors), tokenizer, generation config, metrics, loss curve, model card and,
+    last, the manifest that loading checks."""
     final = Path(config.output_dir) / FINAL_DIR
     # A collective under FSDP and DeepSpeed: every rank calls it. Under --compile the names carry the compiled
     # wrapper's prefix, which a saved model must not.
@@ -876,6 +878,7 @@ def export_final(
         tokenizer.save_pretrained(staging)
         shutil.copy(metrics.path, staging / metrics.path.name)
         write_card(staging, config, source, loss_curve)
+        write_manifest(staging)
     accelerator.print(f"saved {final}")
     return final
 

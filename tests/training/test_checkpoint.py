@@ -1,7 +1,11 @@
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from glade.atomic import NoSpaceLeftError
 from glade.training.checkpoint import (
     MARKER,
     TRAINER_STATE,
@@ -10,6 +14,7 @@ from glade.training.checkpoint import (
     find_checkpoint,
     list_checkpoints,
     prune_checkpoints,
+    save_checkpoint,
     verify_checkpoint,
     write_marker,
 )
@@ -52,7 +57,7 @@ def test_damage_is_named(tmp_path):
 
     garbled = fake_checkpoint(tmp_path, 8)
     (garbled / MARKER).write_text("{not json")
-    with pytest.raises(CheckpointError, match="its COMPLETE marker is unreadable"):
+    with pytest.raises(CheckpointError, match="its COMPLETE manifest is unreadable"):
         verify_checkpoint(garbled)
 
 
@@ -92,3 +97,38 @@ def test_prune_keeps_the_newest(tmp_path):
     assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 10]
     prune_checkpoints(tmp_path, keep_last=0)
     assert len(list_checkpoints(tmp_path)) == 2
+
+
+class FakeAccelerator:
+    """What save_checkpoint uses of accelerate's Accelerator; save_state writes 0.3 MB, then fails as a full disk
+    does if asked to."""
+
+    is_main_process = True
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, directory: str) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"w" * 300_000)
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_checkpoint_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path):
+    with pytest.raises(NoSpaceLeftError, match=rf"{checkpoint_dir(tmp_path, 3)}: no space left on device"):
+        save_checkpoint(FakeAccelerator(fail=True), tmp_path, 3, {"step": 3}, keep_last=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_is_flushed_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    import glade.training.checkpoint as checkpoint_module
+
+    flushed = []
+    monkeypatch.setattr(checkpoint_module, "fsync_tree", lambda path: flushed.append(sorted(os.listdir(path))))
+    path = save_checkpoint(FakeAccelerator(fail=False), tmp_path, 3, {"step": 3}, keep_last=0)
+    assert flushed == [[MARKER, "model.safetensors", TRAINER_STATE]]  # the staged folder, marker included
+    assert verify_checkpoint(path) == {"step": 3}

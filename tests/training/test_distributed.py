@@ -122,8 +122,8 @@ def check_single_export(output: Path, stdout: str, stderr: str, distributed_type
     assert [p.name for p in output.iterdir() if p.name.startswith(".")] == [".lock"]
     final = output / "final"
     assert {p.name for p in final.iterdir()} == {
-        "README.md", "config.json", "generation_config.json", "loss_curve.png", "metrics.jsonl", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json", *REMOTE_CODE_FILES}
+        "COMPLETE", "README.md", "config.json", "generation_config.json", "loss_curve.png", "metrics.jsonl",
+        "model.safetensors", "tokenizer.json", "tokenizer_config.json", *REMOTE_CODE_FILES}
     auto_map = json.loads((final / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_glade.GladeForCausalLM"
 

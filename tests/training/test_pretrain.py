@@ -11,10 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import glade.training.pretrain as pretrain_module
 from checkpoint_helpers import rewrite_weights
+from glade.checkpoints import load_model_and_tokenizer
 from glade.cli import main as glade_main
 from glade.hardware import cpu_name
 from glade.kernel_choice import UNCOMPILED, KernelChoice
 from glade.kernels_glade import BLOCK_ATTENTION
+from glade.manifest import MANIFEST, ManifestError
 from glade.tiny import byte_level_tokenizer, tiny_model
 from glade.training.data import eval_batches, resolve_source, split_train_val, tokenize_to_cache
 from glade.training.pretrain import PretrainConfig, TrainingDiverged, build_parser, forward_backward, pretrain
@@ -88,6 +90,14 @@ def test_pretraining_learns_and_exports_a_pipeline_ready_model(
     assert "val_bpb" in (final / "README.md").read_text() or "bits per byte" in (final / "README.md").read_text()
     assert sorted(p.name for p in output.iterdir()) == [".lock", "checkpoint-200", "final", "loss_curve.png",
                                                        "metrics.jsonl"]
+
+    # final/ carries a manifest of every file, written last; loading checks it and names what was damaged.
+    listed = json.loads((final / MANIFEST).read_text())["files"]
+    assert set(listed) == {p.name for p in final.iterdir()} - {MANIFEST}
+    weights = final / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ManifestError, match=f"model {final} is corrupt: model.safetensors does not match its recorded"):
+        load_model_and_tokenizer(str(final))
 
 
 def test_gradient_accumulation_weights_micro_batches_by_their_real_targets(fresh_accelerate):
