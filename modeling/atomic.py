@@ -141,8 +141,28 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
     return Path(path)
 
 
+def retired_copies(target: Path) -> list[Path]:
+    """Older versions of `target` that `replace_directory` moved aside, newest first."""
+    found = [folder / target.name for folder in target.parent.glob(f".{target.name}.old-*") if folder.is_dir()]
+    return sorted((path for path in found if path.is_dir()), key=lambda path: path.stat().st_mtime, reverse=True)
+
+
+def clean_interrupted_writes(target: Path) -> None:
+    """Before writing `target` again, undo what a killed writer left: a replacement cut between its two renames (the
+    old `target` moved aside, the new one not in place) gets the old one back; staging folders and moved-aside
+    copies are deleted."""
+    retired = retired_copies(target)
+    if retired and not target.exists():
+        os.replace(retired[0], target)
+    for pattern in (f".{target.name}.old-*", f".{target.name}.*.tmp"):
+        for folder in target.parent.glob(pattern):
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def replace_directory(source: Path, target: Path) -> None:
-    """Move the finished directory `source` to `target`; an older `target` is replaced, or kept if the swap fails."""
+    """Move the finished directory `source` to `target`; an older `target` is replaced, or kept if the swap fails
+    (or, after a crash between the two renames, put back by the next `clean_interrupted_writes`)."""
     if not target.exists():
         os.replace(source, target)
         return
@@ -171,6 +191,7 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     if not overwrite and target.is_dir() and any(target.iterdir()):
         raise FileExistsError(f"Destination {target} is not empty; pass --overwrite (overwrite=True) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_interrupted_writes(target)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     with removed_on_failure(target, staging):
         yield staging

@@ -90,7 +90,7 @@ def test_staged_files_and_folders_are_flushed_before_the_rename_and_the_rename_a
     assert events[rename + 1:] == [("fsync", tmp_path.name)]
 
 
-KILL_POINTS = ["after a file", "before the rename", "after the rename"]
+KILL_POINTS = ["after a file", "before the rename", "between the two renames", "after the rename"]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -115,6 +115,8 @@ def test_a_process_killed_while_writing_leaves_the_old_folder_or_the_whole_new_o
             real_replace(source, destination)
             if point == "after the rename" and Path(destination) == Path({str(target)!r}):
                 os._exit(9)
+            if point == "between the two renames" and Path(destination).parent.name.startswith(".model.old-"):
+                os._exit(9)
 
         atomic.fsync_tree, atomic.os.replace = fsync_tree, replace
         with atomic.atomic_directory(Path({str(target)!r})) as staging:
@@ -125,6 +127,10 @@ def test_a_process_killed_while_writing_leaves_the_old_folder_or_the_whole_new_o
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 9, result.stderr
+    if point == "between the two renames":  # the old folder is aside until the next write to the folder
+        assert not target.exists()
+    atomic.clean_interrupted_writes(target)
+    assert list(tmp_path.iterdir()) == [target]
     contents = {path.name: path.read_bytes() for path in target.iterdir()}
     if point == "after the rename":
         assert contents == {"model.safetensors": b"new weights", "config.json": b"new"}
