@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # everything, ~6 minutes on 2 idle cores, 10-12 under load
     python benchmarks/run.py --only train-small   # one section while developing
     python benchmarks/run.py --quick --json out.json
+    (the full run ends with benchmarks/decoding.py's table: the shipped model on every decoding route, ~3 minutes)
 
 Every timed call alternates between contestants (A B C, B C A, ...) after warm-up, and the table shows medians and the
 ratio Glade/GPT-2 of those medians. Training-throughput rows also get MFU against a matmul peak measured at the start
@@ -28,6 +29,7 @@ from transformers.utils import logging
 from glade.hardware import bf16_support
 from glade.kernel_choice import KernelChoice, choose_kernel
 
+import decoding
 from models import (
     QUICK_SHAPES,
     SHAPES,
@@ -50,7 +52,7 @@ from timing import (
     thread_info,
 )
 
-SECTIONS = ("train-small", "train-124m", "generate", "prefill", "memory")
+SECTIONS = ("train-small", "train-124m", "generate", "prefill", "memory", "decoding")
 COLUMNS = ("gpt2", "glade", "glade+compile", "nanogpt", "nanogpt+compile")
 GLADE_VARIANTS = ("glade", "glade+compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -398,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     first_peaks = matmul_peaks(settings)
     rows: list[Row] = []
+    decoding_report = None
     for section in args.only:
         if section.startswith("train-"):
             rows += train_rows(section.removeprefix("train-"), settings)
@@ -407,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows += prefill_rows(settings)
         elif section == "memory":
             rows += memory_rows(settings, args.quick, args.threads)
+        elif section == "decoding" and not args.quick:  # the shipped model on every decoding route: decoding.py
+            decoding_report = decoding.main(["--threads", str(args.threads), "--repeats", "3"])
     # Load from elsewhere can only lower a peak, so the better of a measurement before and after is kept.
     last_peaks = matmul_peaks(settings)
     peaks = {name: max(first_peaks[name], last_peaks[name]) for name in settings.dtypes}
@@ -423,6 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_peak_tflops_measurements": {"before": first_peaks, "after": last_peaks},
         "rows": [asdict(row) for row in rows],
         "goals": goals({row.name: row for row in rows}),
+        "decoding": decoding_report,
     }
     print(format_table(rows))
     print(f"\nmatmul peak: {', '.join(f'{name} {peak:.3f}' for name, peak in peaks.items())} TFLOP/s; "
