@@ -554,6 +554,22 @@ class GladeForQuestionAnswering(GenericForQuestionAnswering, GladePreTrainedMode
     base_model_prefix = "transformer"
 
 
+# PEFT picks a LoRA's default target modules from its own table, by model_type: for Glade, every projection of the
+# blocks (the head and embeddings stay frozen), so `LoraConfig()` works without naming modules.
+LORA_TARGET_MODULES = ("c_attn", "c_proj", "c_fc", "c_gate")
+
+
+def register_with_peft() -> None:
+    """Add Glade's default LoRA targets to PEFT's table, where PEFT is installed (importing it takes ~0.3 s)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError:  # PEFT is optional, and the remote code must load without it
+        return
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("glade", list(LORA_TARGET_MODULES))
+
+
+register_with_peft()
+
 __all__ = [
     "GladePreTrainedModel",
     "GladeModel",

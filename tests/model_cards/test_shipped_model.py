@@ -92,6 +92,22 @@ def test_remote_code_samples_on_the_fast_route_as_transformers_does(model, tmp_p
     assert last_json_line(stdout) == {"tokens": expected.tolist(), "models on the fast route": 1}
 
 
+def test_remote_code_takes_a_lora_with_peft_defaults(tmp_path):
+    stdout = run_without_glade(
+        f"""
+        import json
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(SHIPPED)!r}, trust_remote_code=True)
+        lora = get_peft_model(model, LoraConfig(r=2))
+        print(json.dumps(sorted({{name.rsplit(".", 1)[-1] for name, module in lora.named_modules()
+                                  if hasattr(module, "lora_A")}})))
+        """,
+        cwd=str(tmp_path),
+    )
+    assert last_json_line(stdout) == ["c_attn", "c_fc", "c_proj"]
+
+
 def test_continued_pretraining_starts_from_the_shipped_model(tmp_path):
     # The user's command, in a process of its own: strict loading must hold under the installed transformers' load
     # defaults (5.25 kernelizes every load, and the strictness check builds the model on the meta device).

@@ -1,10 +1,12 @@
 """Glade inside the rest of the ecosystem: transformers' Trainer and PEFT adapters."""
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+from architectures import ARCHITECTURES
 from glade.tiny import tiny_model
 
 
@@ -25,9 +27,14 @@ def test_trainer_lowers_the_loss(tmp_path, tokenizer):
     assert losses[-1] < losses[0] - 1.0
 
 
-def test_lora_adapter_trains_saves_and_reloads(tmp_path):
-    model = tiny_model()
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], lora_dropout=0.0))
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_lora_with_peft_defaults_trains_saves_reloads_and_merges(tmp_path, architecture):
+    options = ARCHITECTURES[architecture]
+    model = tiny_model(**options)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))  # no target_modules: Glade's own
+    adapted_modules = {name.rsplit(".", 1)[-1] for name, module in lora.named_modules() if hasattr(module, "lora_A")}
+    projections = {"c_attn", "c_proj", "c_fc"} | ({"c_gate"} if options.get("activation_function") == "swiglu" else set())
+    assert adapted_modules == projections
     trainable = [name for name, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
@@ -41,8 +48,10 @@ def test_lora_adapter_trains_saves_and_reloads(tmp_path):
     with torch.no_grad():
         adapted = lora(input_ids=ids).logits
     lora.save_pretrained(tmp_path / "adapter")
-    tiny_model().save_pretrained(tmp_path / "base")
+    tiny_model(**options).save_pretrained(tmp_path / "base")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    merged = reloaded.merge_and_unload()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted)
-        assert not torch.allclose(tiny_model()(ids).logits, adapted)
+        assert not torch.allclose(tiny_model(**options)(ids).logits, adapted)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
