@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from glade.checkpoints import read_json
+from glade.checkpoints import check_finite, read_json
 
 # In order of preference: a folder holding both formats is read from safetensors.
 WEIGHT_FILES = (
@@ -35,7 +35,8 @@ CAUSAL_LM_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
 def load_state_dict_files(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers checkpoint folder: single-file or sharded, safetensors or pickled `.bin`."""
+    """All tensors of a transformers checkpoint folder: single-file or sharded, safetensors or pickled `.bin`; NaN or
+    infinite weights are a ValueError naming them."""
     directory = Path(directory)
     for name in WEIGHT_FILES:
         path = directory / name
@@ -48,8 +49,10 @@ def load_state_dict_files(directory: Path) -> dict[str, torch.Tensor]:
             state_dict = {}
             for shard in tqdm(shards, desc=f"Reading {directory.name}", unit="shard", disable=len(shards) < 2):
                 state_dict.update(load_weight_file(directory / shard))
-            return state_dict
-        return load_weight_file(path)
+        else:
+            state_dict = load_weight_file(path)
+        check_finite(directory, state_dict.items())
+        return state_dict
     raise FileNotFoundError(f"No weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
 
 

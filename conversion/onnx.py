@@ -13,6 +13,7 @@ from torch import nn
 
 from glade import GladeForCausalLM
 from glade.atomic import atomic_directory
+from glade.checkpoints import check_finite
 
 from .checkpoint import resolve_source
 from .io import copy_tokenizer_files
@@ -48,6 +49,7 @@ def export_onnx(source: str | Path, destination: str | Path, *, overwrite: bool 
     directory = resolve_source(source)
     # Eager attention: an explicit additive mask, which every ONNX opset expresses.
     model = GladeForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    check_finite(directory, model.state_dict().items())
     with atomic_directory(destination, overwrite=overwrite) as staging:
         onnx_program(model).save(staging / ONNX_FILE)
         # No PyTorch model here: auto_map keeps only the config class, whose file the save copies beside it.

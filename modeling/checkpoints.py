@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -146,12 +147,26 @@ def check_tensors(
         raise ValueError(f"{source} does not match its config: " + "; ".join(problems))
 
 
+def check_finite(source: str | Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run, a damaged file): they decode to nothing and export as
+    garbage. Tensors on the meta device hold no values and pass."""
+    broken = [
+        name for name, tensor in tensors
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        raise ValueError(
+            f"{source} holds NaN or infinite weights in {shown}: the checkpoint is damaged or its training diverged"
+        )
+
+
 def load_causal_lm(name: str, **kwargs: Any) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained`, strictly.
 
     transformers fills a missing tensor with random values and drops an unexpected one, with only a warning; here
-    either, or a tensor whose shape disagrees with the config, is a ValueError naming them. A folder with a manifest
-    (pretraining's `final/`) is checked against it first.
+    either, or a tensor whose shape disagrees with the config, is a ValueError naming them, as are NaN or infinite
+    weights. A folder with a manifest (pretraining's `final/`) is checked against it first.
     """
     checkpoint = resolve_checkpoint(name)
     if (Path(checkpoint) / MANIFEST).is_file():
@@ -160,6 +175,7 @@ def load_causal_lm(name: str, **kwargs: Any) -> PreTrainedModel:
         checkpoint, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
     )
     check_tensors(name, loading["missing_keys"], loading["unexpected_keys"], loading["mismatched_keys"])
+    check_finite(name, model.state_dict().items())
     return model
 
 

@@ -1,12 +1,15 @@
 """Bad inputs fail with a message naming the problem, and leave nothing behind."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoint_helpers import rewrite_weights
 from glade.atomic import atomic_directory
+from glade.cli import main
 from glade.conversion import convert_gpt2, convert_nanogpt, export_gpt2
 
 
@@ -174,3 +177,15 @@ def test_a_wrongly_typed_config_field_is_a_value_error(tmp_path, gpt2_dir):
     assert_fails_cleanly(
         lambda: convert_gpt2(gpt2_dir, destination), destination, ValueError, "config.json: .*n_embd"
     )
+
+
+@pytest.mark.parametrize("command", [["export", "gpt2"], ["export", "stock"], ["export", "gguf"], ["export", "onnx"]])
+def test_nan_weights_are_refused_by_every_export(tmp_path, make_glade, capsys, command):
+    source = make_glade()
+    rewrite_weights(source, lambda tensors: tensors["transformer.h.0.attn.c_attn.weight"].view(-1)[0].fill_(math.inf))
+    destination = tmp_path / "out" / ("model.gguf" if command[1] == "gguf" else "model")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, str(source), str(destination)])
+    assert exit_info.value.code == 2
+    assert "holds NaN or infinite weights in transformer.h.0.attn.c_attn.weight" in capsys.readouterr().err
+    assert not destination.exists()

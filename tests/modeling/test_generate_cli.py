@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -171,3 +172,12 @@ def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_weights
     with pytest.raises(SystemExit):
         main(["generate", "Hi", "--model", str(checkpoint)])
     assert "does not match its config: missing transformer.h.0.attn.c_proj.weight" in capsys.readouterr().err
+
+
+def test_nan_weights_are_refused_by_name_not_decoded_into_an_empty_continuation(checkpoint, capsys):
+    rewrite_weights(checkpoint, lambda tensors: tensors["transformer.h.1.mlp.c_fc.weight"].view(-1)[7].fill_(math.nan))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "Hi", "--model", str(checkpoint)])
+    assert exit_info.value.code == 2
+    assert (f"{checkpoint} holds NaN or infinite weights in transformer.h.1.mlp.c_fc.weight: the checkpoint is "
+            "damaged or its training diverged") in capsys.readouterr().err
