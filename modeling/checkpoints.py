@@ -171,8 +171,9 @@ def load_causal_lm(name: str, **kwargs: Any) -> PreTrainedModel:
     checkpoint = resolve_checkpoint(name)
     if (Path(checkpoint) / MANIFEST).is_file():
         verify_manifest(Path(checkpoint), "model")
+    # Glade's classes are registered locally; anything else must not run a checkpoint's code, nor ask whether to.
     model, loading = AutoModelForCausalLM.from_pretrained(
-        checkpoint, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        checkpoint, output_loading_info=True, ignore_mismatched_sizes=True, trust_remote_code=False, **kwargs
     )
     check_tensors(name, loading["missing_keys"], loading["unexpected_keys"], loading["mismatched_keys"])
     check_finite(name, model.state_dict().items())
@@ -190,4 +191,4 @@ def load_model_and_tokenizer(name: str) -> tuple[PreTrainedModel, PreTrainedToke
     """The causal LM (loaded strictly) and tokenizer of a checkpoint directory, a Hub id, or `tiny-random`."""
     if name == TINY_RANDOM:
         return tiny_model(), byte_level_tokenizer()
-    return load_causal_lm(name), AutoTokenizer.from_pretrained(resolve_checkpoint(name))
+    return load_causal_lm(name), AutoTokenizer.from_pretrained(resolve_checkpoint(name), trust_remote_code=False)

@@ -181,3 +181,16 @@ def test_nan_weights_are_refused_by_name_not_decoded_into_an_empty_continuation(
     assert exit_info.value.code == 2
     assert (f"{checkpoint} holds NaN or infinite weights in transformer.h.1.mlp.c_fc.weight: the checkpoint is "
             "damaged or its training diverged") in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_unknown_code_is_refused_without_a_prompt(tmp_path):
+    config = {"model_type": "mystery", "auto_map": {"AutoConfig": "configuration_mystery.MysteryConfig",
+                                                    "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "configuration_mystery.py").write_text("raise SystemExit('remote code ran')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "glade.cli", "generate", "Hi", "--model", str(tmp_path)],
+        input="y\n", capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "remote code ran" not in result.stderr + result.stdout
+    assert "trust_remote_code" in result.stderr.strip().splitlines()[-1]
