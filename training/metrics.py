@@ -10,11 +10,14 @@ norm that overflowed) or not known; any other field that is not a finite number 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from glade.atomic import write_text_atomically
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
 # Fields of records that must be numbers when present; evaluation records are those with `val_loss`.
@@ -26,15 +29,23 @@ NULLABLE_FIELDS = ("lr", "grad_norm")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl log, in order; a malformed line raises ValueError naming its number."""
+    """The records of a metrics.jsonl log, in order; a malformed line raises ValueError naming its number, except a
+    last line cut off while it was appended, which is skipped with a warning (a resumed run rewrites the log)."""
     path = Path(path)
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    # Every record is appended with its newline: a last line without one was cut off (a full disk, a kill).
+    torn = bool(text) and not text.endswith("\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            if torn and number == len(lines):
+                logger.warning("%s, line %d: ignoring a record cut off while it was appended", path, number)
+                break
             raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")

@@ -20,3 +20,21 @@ def test_the_log_is_strict_json_with_null_for_an_unknown_lr_or_gradient_norm(tmp
     (tmp_path / "other.jsonl").write_text('{"step": 1, "train_loss": null}\n')
     with pytest.raises(ValueError, match="'train_loss' must be a number, got None"):
         read_metrics(tmp_path / "other.jsonl")
+
+
+def test_a_record_cut_off_while_appended_is_skipped_and_dropped_on_resume(tmp_path, caplog):
+    main = SimpleNamespace(is_main_process=True, trackers=[])
+    log = MetricsLog(tmp_path, main, resume_step=None)
+    for step in (1, 2):
+        log.log({"step": step, "train_loss": 5.0 - step, "tokens_seen": 64 * step})
+    with open(log.path, "a") as file:
+        file.write('{"step": 3, "train_lo')  # the disk filled, or the run was killed, mid-append
+    with caplog.at_level("WARNING", logger="glade.training.metrics"):
+        assert [r["step"] for r in read_metrics(log.path)] == [1, 2]
+    assert "line 3: ignoring a record cut off while it was appended" in caplog.text
+    MetricsLog(tmp_path, main, resume_step=2)  # --resume rewrites the log up to its checkpoint
+    assert log.path.read_text().endswith('"tokens_seen": 128}\n')
+
+    (tmp_path / "damaged.jsonl").write_text('{"step": 1, "train_lo\n{"step": 2, "train_loss": 3.0}\n')
+    with pytest.raises(ValueError, match="line 1: not valid JSON"):  # damage before the end is not a torn append
+        read_metrics(tmp_path / "damaged.jsonl")
