@@ -34,9 +34,46 @@ def load_generator(model: str, device: str | None = None) -> Pipeline:
     return pipeline("text-generation", model=lm, tokenizer=tokenizer, device=device)
 
 
+# Scores divided by less overflow float32 (logits of ~40 / 1e-37), and the softmax of infinities is NaN.
+MIN_TEMPERATURE = 1e-4
+
+
 def check_temperature(temperature: float) -> None:
-    if not 0 < temperature < math.inf:  # NaN fails this comparison too
-        raise ValueError(f"temperature must be > 0 and finite (temperature 0 is greedy decoding), got {temperature}")
+    if not MIN_TEMPERATURE <= temperature < math.inf:  # NaN fails this comparison too
+        raise ValueError(
+            f"temperature must be at least {MIN_TEMPERATURE} and finite (greedy decoding is the limit of 0: use "
+            f"--greedy), got {temperature}"
+        )
+
+
+def check_prompts(prompts: list[str]) -> None:
+    """Refuse an empty prompt list, an empty prompt, and text that is not valid Unicode (bytes a terminal could not
+    decode reach Python's argv as lone surrogates, which no tokenizer encodes)."""
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("generate needs at least one non-empty prompt")
+    for number, prompt in enumerate(prompts, start=1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"prompt {number} is not valid UTF-8 text (undecodable bytes at characters {error.start}-{error.end})"
+            ) from None
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before the model is loaded."""
+    if device is None:
+        return
+    try:
+        target = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...): {error}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__})")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
 
 
 def check_sampling(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
@@ -113,8 +150,8 @@ def generate(
     whatever the checkpoint's generation config says; sampling settings left as None come from it (a shipped model's
     card states them). Generation stops where the model's context ends, with a warning.
     """
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("generate needs at least one non-empty prompt")
+    check_prompts(prompts)
+    check_device(device)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:

@@ -41,6 +41,11 @@ def wrap_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
+def check_min_frequency(min_frequency: int) -> None:
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be at least 1 (a merge seen once), got {min_frequency}")
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True
 ) -> PreTrainedTokenizerFast:
@@ -49,6 +54,7 @@ def train_tokenizer(
         raise ValueError(
             f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {END_OF_TEXT}), got {vocab_size}"
         )
+    check_min_frequency(min_frequency)
     backend = byte_level_bpe(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -106,6 +112,7 @@ def train_tokenizer_from_data(
     """Train on text files or a dataset (anything `glade.training.data.resolve_source` accepts) and save."""
     from .data import iter_texts, load_documents, resolve_source
 
+    check_min_frequency(min_frequency)
     check_output_dir(output_dir, overwrite)
     source = resolve_source(data, text_column=text_column, split=split)
     documents = load_documents(source, streaming=streaming)

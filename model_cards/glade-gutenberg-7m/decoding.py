@@ -130,7 +130,7 @@ class CompiledDecoder:
 
     def __init__(self, model: PreTrainedModel, max_length: int | None = None, compile: bool = True):
         context = model.config.max_position_embeddings
-        self.max_length = max_length or context
+        self.max_length = context if max_length is None else max_length
         if not 1 < self.max_length <= context:
             raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {self.max_length}")
         self.model = model.eval()
@@ -183,6 +183,15 @@ class CompiledDecoder:
         generator: torch.Generator | None,
         streamer: BaseStreamer | None,
     ) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be [batch, prompt length] with at least one token, got shape {list(input_ids.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}: they must "
+                "match"
+            )
         batch, prompt_length = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -169,8 +169,8 @@ def test_logit_lens_reads_every_layer_through_the_final_norm(model, tokenizer, t
 def test_bad_input_is_a_clear_error(model, tokenizer):
     with pytest.raises(ValueError, match="prompt is empty"):
         next_token_distribution(model, tokenizer, "")
-    for temperature in (0, math.nan, math.inf):
-        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+    for temperature in (0, 1e-300, math.nan, math.inf):
+        with pytest.raises(ValueError, match="temperature must be at least 0.0001 and finite"):
             next_token_distribution(model, tokenizer, "a", temperature=temperature)
     with pytest.raises(ValueError, match="top_k must be between 1 and the vocabulary size 257"):
         next_token_distribution(model, tokenizer, "a", top_k=0)

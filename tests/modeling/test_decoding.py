@@ -99,6 +99,15 @@ def test_too_long_requests_are_refused_with_both_lengths(gpt2_model):
         decoder.generate(PROMPT, 0)
     with pytest.raises(ValueError, match=r"max_length must be in \[2, 128\] \(the model's context\), got 500"):
         CompiledDecoder(gpt2_model, max_length=500)
+    with pytest.raises(ValueError, match=r"max_length must be in \[2, 128\] \(the model's context\), got 1"):
+        CompiledDecoder(gpt2_model, max_length=1)
+    with pytest.raises(ValueError, match=r"max_length must be in \[2, 128\] \(the model.s context\), got 0"):
+        CompiledDecoder(gpt2_model, max_length=0)
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, prompt length\] with at least one token, got "
+                                         r"shape \[1, 0\]"):
+        decoder.generate(PROMPT[:, :0], 4)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[1, 5\], input_ids \[1, 6\]: they must match"):
+        decoder.generate(PROMPT, 4, attention_mask=torch.ones(1, 5, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -143,10 +143,15 @@ def test_console_script_runs_the_default_model():
     ("argv", "message"),
     [
         (["generate", "", "--model", "tiny-random"], "at least one non-empty prompt"),
-        (["generate", "Hi", "--model", "tiny-random", "--temperature", "0"], "temperature must be > 0"),
+        (["generate", "Hi", "--model", "tiny-random", "--temperature", "0"], "temperature must be at least 0.0001"),
+        (["generate", "Hi", "--temperature", "1e-300"], "temperature must be at least 0.0001 and finite (greedy "
+                                                        "decoding is the limit of 0: use --greedy), got 1e-300"),
+        (["generate", "Hi \udcff\udcfe"], "prompt 1 is not valid UTF-8 text (undecodable bytes at characters 3-5)"),
+        (["generate", "Hi", "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device cuda"),
+        (["generate", "Hi", "--device", "tpu"], "--device 'tpu' is not a device name"),
         (["generate", "Hi", "--model", "tiny-random", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-        (["generate", "Hi", "--temperature", "inf"], "temperature must be > 0 and finite"),
-        (["generate", "Hi", "--temperature", "nan"], "temperature must be > 0 and finite"),
+        (["generate", "Hi", "--temperature", "inf"], "temperature must be at least 0.0001 and finite"),
+        (["generate", "Hi", "--temperature", "nan"], "temperature must be at least 0.0001 and finite"),
         (["generate", "Hi", "--top-p", "2"], "top_p must be in (0, 1] (1 turns nucleus filtering off), got 2.0"),
         (["generate", "Hi", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", "Hi", "--top-k", "-1"], "top_k must be >= 0 (0 turns top-k filtering off), got -1"),

@@ -98,3 +98,14 @@ def test_token_byte_lengths_of_a_tokenizer_that_is_not_byte_level():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
     lengths = token_byte_lengths(tokenizer)
     np.testing.assert_array_equal(lengths, [0, len("héllo".encode()), 1, 0])
+
+
+def test_a_minimum_frequency_below_one_is_refused_before_training(tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text("some text " * 20)
+    with pytest.raises(SystemExit) as exit_info:
+        glade_main(["train-tokenizer", "--data", str(data), "--vocab-size", "300", "--output-dir",
+                    str(tmp_path / "tok"), "--min-frequency", "-1"])
+    assert exit_info.value.code == 2
+    assert "min_frequency must be at least 1 (a merge seen once), got -1" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()
