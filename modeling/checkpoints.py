@@ -191,4 +191,25 @@ def load_model_and_tokenizer(name: str) -> tuple[PreTrainedModel, PreTrainedToke
     """The causal LM (loaded strictly) and tokenizer of a checkpoint directory, a Hub id, or `tiny-random`."""
     if name == TINY_RANDOM:
         return tiny_model(), byte_level_tokenizer()
-    return load_causal_lm(name), AutoTokenizer.from_pretrained(resolve_checkpoint(name), trust_remote_code=False)
+    return load_causal_lm(name), load_tokenizer_files(name)
+
+
+# Files a saved tokenizer is read from: a checkpoint folder holds at least one.
+TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_tokenizer_files(name: str | Path) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained` of a folder or Hub id; a folder without tokenizer files, or with files that do
+    not parse, is one error naming the folder (transformers would suggest installing sentencepiece)."""
+    directory = local_directory(name)
+    if directory is not None and not any((directory / source).is_file() for source in TOKENIZER_SOURCES):
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer files (none of {', '.join(TOKENIZER_SOURCES)}): save the tokenizer "
+            "beside the model (tokenizer.save_pretrained)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(directory or name), trust_remote_code=False)
+    except OSError:
+        raise
+    except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"the tokenizer in {directory or name} could not be read: {error}") from error

@@ -7,8 +7,7 @@ available) can always run.
 from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 
-from glade.training.tokenizer import BYTE_ALPHABET, END_OF_TEXT, byte_level_bpe, wrap_tokenizer
-
+from .byte_level import BYTE_ALPHABET, END_OF_TEXT, byte_level_bpe, wrap_tokenizer
 from .configuration_glade import GladeConfig
 from .modeling_glade import GladeForCausalLM
 

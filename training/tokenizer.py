@@ -1,8 +1,5 @@
-"""Byte-level BPE tokenizers for Glade: trained with `tokenizers`, saved as a `PreTrainedTokenizerFast` directory.
-
-As in GPT-2, text is first mapped to bytes, so every string is encodable (no unknown tokens), and the single
-special token `<|endoftext|>` separates documents and serves as bos, eos and pad.
-"""
+"""Byte-level BPE tokenizers for Glade (`glade.byte_level`): trained with `tokenizers`, saved as a
+`PreTrainedTokenizerFast` directory."""
 
 from __future__ import annotations
 
@@ -11,34 +8,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from tokenizers import decoders, models, trainers
+from transformers import PreTrainedTokenizerFast
 
 from glade.atomic import atomic_directory
+from glade.byte_level import BYTE_ALPHABET, END_OF_TEXT, byte_level_bpe, wrap_tokenizer
+from glade.checkpoints import load_tokenizer_files
 
-END_OF_TEXT = "<|endoftext|>"
-BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 # Every byte needs a token before any merge can be learned, plus one for <|endoftext|>.
 MIN_VOCAB_SIZE = len(BYTE_ALPHABET) + 1
-
-
-def byte_level_bpe(bpe: models.BPE) -> Tokenizer:
-    """A tokenizer around `bpe` with GPT-2's byte-level pre-tokenization and decoding."""
-    backend = Tokenizer(bpe)
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def wrap_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
-    """A transformers tokenizer in which `<|endoftext|>` is bos, eos, pad and unk, as in GPT-2."""
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        unk_token=END_OF_TEXT,
-    )
 
 
 def check_min_frequency(min_frequency: int) -> None:
@@ -127,7 +105,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """A fast tokenizer with an end-of-text token, as training needs (eos separates documents)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist (train one with `glade train-tokenizer`)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer_files(path)
     # transformers records where this machine loaded the files from and would save it with the tokenizer: a model
     # published from this run must not carry a path flag of the training machine.
     for key in ("is_local", "local_files_only"):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from glade.atomic import NoSpaceLeftError
 from glade.cli import main
 from glade.conversion import export_gpt2
 from glade.conversion.gguf import export_gguf
@@ -194,9 +195,9 @@ def test_a_failure_while_writing_leaves_no_file_and_an_old_one_untouched(tmp_pat
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", write_half_then_fail)
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_gguf(source, tmp_path / "model.gguf")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(NoSpaceLeftError, match="model.gguf: no space left on device"):
         export_gguf(source, tmp_path / "model.gguf", overwrite=True)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(NoSpaceLeftError, match="new.gguf: no space left on device"):
         export_gguf(source, tmp_path / "new.gguf")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["glade", "model.gguf"]
     assert (tmp_path / "model.gguf").read_bytes() == b"old"

@@ -199,3 +199,15 @@ def test_a_checkpoint_of_unknown_code_is_refused_without_a_prompt(tmp_path):
     )
     assert result.returncode == 2 and "remote code ran" not in result.stderr + result.stdout
     assert "trust_remote_code" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_missing_or_broken_tokenizer_is_named(checkpoint, capsys):
+    (checkpoint / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut off
+    with pytest.raises(SystemExit):
+        main(["generate", "Hi", "--model", str(checkpoint)])
+    assert f"the tokenizer in {checkpoint} could not be read" in capsys.readouterr().err
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).unlink(missing_ok=True)
+    with pytest.raises(SystemExit):
+        main(["generate", "Hi", "--model", str(checkpoint)])
+    assert f"{checkpoint} has no tokenizer files (none of tokenizer.json, " in capsys.readouterr().err
