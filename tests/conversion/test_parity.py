@@ -4,12 +4,15 @@ import copy
 import json
 import math
 
+import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
+import glade.conversion.gpt2 as gpt2_module
 from glade.cli import main
 from glade.conversion import compare_models, convert_gpt2, parity_batch, write_parity_report
 from glade.conversion.cli import PARITY_FAILED_EXIT_CODE
+from glade.conversion.state_dict import glade_to_gpt2
 from glade.tiny import tiny_model
 
 
@@ -59,12 +62,28 @@ def test_nan_fails_the_check_even_where_both_models_agree():
     assert report.format().endswith("\nFAIL")
 
 
-def test_export_check_of_nan_weights_prints_fail_and_exits_non_zero(tmp_path, capsys):
-    nan_model().save_pretrained(tmp_path / "glade")
+def test_an_export_that_drifts_prints_fail_and_exits_non_zero(tmp_path, capsys, monkeypatch):
+    tiny_model().save_pretrained(tmp_path / "glade")
+
+    def drifting(state_dict, config):  # a conversion bug: block 0's MLP weights come out scaled
+        converted = glade_to_gpt2(state_dict, config)
+        converted["transformer.h.0.mlp.c_fc.weight"] = converted["transformer.h.0.mlp.c_fc.weight"] * 1.5
+        return converted
+
+    monkeypatch.setattr(gpt2_module, "glade_to_gpt2", drifting)
     code = main(["export", "gpt2", str(tmp_path / "glade"), str(tmp_path / "gpt2"), "--check"])
     out = capsys.readouterr().out
     assert code == PARITY_FAILED_EXIT_CODE
     assert "first block that drifts: block 0" in out and "\nFAIL\n" in out and "PASS" not in out
+
+
+def test_an_export_of_nan_weights_is_refused_before_any_check(tmp_path, capsys):
+    nan_model().save_pretrained(tmp_path / "glade")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "gpt2", str(tmp_path / "glade"), str(tmp_path / "gpt2"), "--check"])
+    assert exit_info.value.code == 2
+    assert "holds NaN or infinite weights in transformer.h.0.mlp.c_fc.weight" in capsys.readouterr().err
+    assert not (tmp_path / "gpt2").exists()
 
 
 def test_check_writes_the_report_beside_the_weights_and_into_the_model_card(tmp_path, gpt2_dir, capsys):
