@@ -76,6 +76,15 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     return read_trainer_state(directory)
 
 
+def not_a_checkpoint(path: Path) -> str:
+    """Why `path`, which is not named checkpoint-STEP, cannot be resumed from, and what to pass instead."""
+    if list_checkpoints(path):
+        return f"{path} is an output directory, not a checkpoint: pass --resume latest with --output-dir {path}"
+    if (path / "config.json").is_file():
+        return f"{path} is an exported model, not a training checkpoint: start a new run from it with --init-from"
+    return f"{path} is not a checkpoint-STEP directory (--resume takes latest or OUTPUT_DIR/checkpoint-STEP)"
+
+
 def find_checkpoint(output_dir: str | Path, resume: str, fallback: bool = False) -> Path:
     """The checkpoint `--resume latest|PATH` names, verified; with `fallback`, the newest complete one at or
     before it when it is damaged."""
@@ -86,6 +95,8 @@ def find_checkpoint(output_dir: str | Path, resume: str, fallback: bool = False)
     else:
         requested = Path(resume)
         match = CHECKPOINT_PATTERN.match(requested.name)
+        if not match:
+            raise CheckpointError(f"--resume {resume}: {not_a_checkpoint(requested)}")
         older = [
             path for step, path in reversed(list_checkpoints(requested.parent)) if match and step < int(match.group(1))
         ]

@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, DynamoBackend, TorchDynamoPlugin, broadcast_object_list, set_seed
 # The size parser of huggingface_hub's split_torch_state_dict_into_shards, which save_pretrained shards with.
 from huggingface_hub.serialization._base import parse_size_to_int
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
@@ -316,6 +317,11 @@ class PretrainConfig:
             raise ValueError(f"--max-shard-size must be positive, got {self.max_shard_size}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push-to-hub needs --hub-model-id ORG/NAME")
+        if self.hub_model_id is not None:
+            try:  # before training, not after it
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as error:
+                raise ValueError(f"--hub-model-id {self.hub_model_id!r} is not a Hub repository id: {error}") from None
 
 
 def parse_shard_size(size: str) -> int:

@@ -132,3 +132,18 @@ def test_a_checkpoint_is_flushed_before_it_is_renamed_into_place(tmp_path, monke
     path = save_checkpoint(FakeAccelerator(fail=False), tmp_path, 3, {"step": 3}, keep_last=0)
     assert flushed == [[MARKER, "model.safetensors", TRAINER_STATE]]  # the staged folder, marker included
     assert verify_checkpoint(path) == {"step": 3}
+
+
+def test_resume_at_an_output_folder_or_an_exported_model_says_what_to_pass_instead(tmp_path):
+    fake_checkpoint(tmp_path, 4)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is an output directory, not a checkpoint: pass --resume "
+                                              rf"latest with --output-dir {tmp_path}"):
+        find_checkpoint(tmp_path, str(tmp_path))
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is an exported model, not a training checkpoint: start a new run from "
+                                              "it with --init-from"):
+        find_checkpoint(tmp_path, str(final))
+    with pytest.raises(CheckpointError, match="is not a checkpoint-STEP directory"):
+        find_checkpoint(tmp_path, str(tmp_path / "elsewhere"))

@@ -186,6 +186,8 @@ BAD_INPUTS = {
     "unknown optimizer": (lambda t: {"optimizer": "sgd"},
                           r"argument --optimizer: invalid choice: 'sgd' \(choose from '?adamw'?, '?muon'?\)"),
     "push without a repo id": (lambda t: {"push_to_hub": True}, r"--push-to-hub needs --hub-model-id"),
+    "push to an invalid repo id": (lambda t: {"push_to_hub": True, "hub_model_id": "me//my model"},
+                                   r"--hub-model-id 'me//my model' is not a Hub repository id"),
     # Values that used to fail only at export, after training, or not at all.
     "shard size that is not a size": (lambda t: {"max_shard_size": "banana"},
                                       r"--max-shard-size must be a size such as 2GB, 500MB or 100KB, got 'banana'"),
