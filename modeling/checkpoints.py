@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from fnmatch import fnmatch
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -28,10 +30,15 @@ from transformers import (
 
 from .configuration_glade import GladeConfig
 from .manifest import MANIFEST, verify_manifest
+from .param_count import count_parameters
 from .tiny import byte_level_tokenizer, tiny_config, tiny_model
 
 TINY_RANDOM = "tiny-random"
 CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# A config whose model would need this many times the saved parameters is refused before the model is built.
+OVERSIZED_CONFIG_FACTOR = 2
 # Pretrained checkpoints ship as package data in model_cards/ (glade.model_cards); the newest is the default.
 SHIPPED_MODEL_PATTERN = "glade-*"
 # torch.compile's wrapper holds the model as `_orig_mod`, so a state dict taken through it carries this prefix.
@@ -161,6 +168,38 @@ def check_finite(source: str | Path, tensors: Iterable[tuple[str, torch.Tensor]]
         )
 
 
+def saved_parameter_count(directory: Path) -> int | None:
+    """How many numbers a folder's safetensors weights hold, read from the file headers alone (None without
+    safetensors weights)."""
+    if (directory / WEIGHTS_INDEX_NAME).is_file():
+        shards = sorted(set(read_json(directory / WEIGHTS_INDEX_NAME)["weight_map"].values()))
+    elif (directory / WEIGHTS_NAME).is_file():
+        shards = [WEIGHTS_NAME]
+    else:
+        return None
+    total = 0
+    for shard in shards:
+        with safe_open(directory / shard, framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+    return total
+
+
+def check_config_fits_weights(directory: Path, config: PreTrainedConfig) -> None:
+    """Refuse a Glade config whose model is far larger than the saved weights, before that model is built: a config
+    edited to n_layer=100000 would otherwise take minutes and gigabytes to build before a tensor is compared. Smaller
+    mismatches are left to the strict load, which names each tensor."""
+    if not isinstance(config, GladeConfig):
+        return
+    saved = saved_parameter_count(directory)
+    needed = count_parameters(config).total
+    if saved is not None and needed > OVERSIZED_CONFIG_FACTOR * saved:
+        raise ValueError(
+            f"{directory / CONFIG_NAME} describes a model of {needed:,} parameters (n_layer={config.n_layer}, "
+            f"n_embd={config.n_embd}, vocab_size={config.vocab_size}) but its weights hold {saved:,}: the config "
+            "does not belong to these weights"
+        )
+
+
 def load_causal_lm(name: str, **kwargs: Any) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained`, strictly.
 
@@ -171,6 +210,8 @@ def load_causal_lm(name: str, **kwargs: Any) -> PreTrainedModel:
     checkpoint = resolve_checkpoint(name)
     if (Path(checkpoint) / MANIFEST).is_file():
         verify_manifest(Path(checkpoint), "model")
+    if Path(checkpoint).is_dir():
+        check_config_fits_weights(Path(checkpoint), kwargs.get("config") or read_checkpoint_config(checkpoint))
     # Glade's classes are registered locally; anything else must not run a checkpoint's code, nor ask whether to.
     model, loading = AutoModelForCausalLM.from_pretrained(
         checkpoint, output_loading_info=True, ignore_mismatched_sizes=True, trust_remote_code=False, **kwargs

@@ -22,7 +22,7 @@ COMMANDS = {
     "push": Command("publish a saved Glade model folder to the Hugging Face Hub", "glade.training.hub:add_arguments"),
     "params": Command(
         "count a Glade model's parameters by component, from its config (nothing is allocated)",
-        "glade.param_count:add_arguments",
+        "glade.params_command:add_arguments",
     ),
     "inspect": Command(
         "look inside a Glade model: next tokens, attention, logit lens, embeddings", "glade.inspection:add_arguments"

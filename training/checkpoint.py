@@ -13,6 +13,8 @@ import json
 import logging
 import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MARKER = MANIFEST
 TRAINER_STATE = "trainer_state.json"
+# Where a resume from an older checkpoint moves what the run it branches from saved after it.
+ABANDONED_DIR = "abandoned"
 
 
 class CheckpointError(ValueError):
@@ -146,6 +150,34 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
         return
     for _, path in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(path)
+
+
+def set_aside_later_saves(output_dir: str | Path, step: int, final_dir: str) -> Path | None:
+    """Move what `output_dir` holds from after `step` (checkpoints, and `final_dir` if its manifest says it is
+    later) to `output_dir/abandoned/`, so that `--resume latest` follows the run resumed at `step`; returns the
+    folder they went to, or None when there were none."""
+    output_dir = Path(output_dir)
+    later = [path for saved, path in list_checkpoints(output_dir) if saved > step]
+    final = output_dir / final_dir
+    if saved_step(final) > step:
+        later.append(final)
+    if not later:
+        return None
+    (output_dir / ABANDONED_DIR).mkdir(exist_ok=True)
+    destination = Path(tempfile.mkdtemp(dir=output_dir / ABANDONED_DIR, prefix=f"{time.strftime('%Y%m%d-%H%M%S')}"
+                                        f"-after-step-{step}-"))
+    for path in later:
+        path.rename(destination / path.name)
+    fsync_path(output_dir)
+    return destination
+
+
+def saved_step(folder: Path) -> int:
+    """The step a folder's manifest records, or -1 when it records none (or there is no readable manifest)."""
+    try:
+        return int(json.loads((folder / MANIFEST).read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return -1
 
 
 def remove_stale_staging(output_dir: str | Path) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HTTPError
 from huggingface_hub.utils import set_client_factory, validate_repo_id
 from huggingface_hub.utils._http import default_client_factory  # the library's own client, not re-exported
+from transformers.dynamic_module_utils import get_relative_imports
 
 from .model_card import write_model_card
 
@@ -38,19 +40,36 @@ class HubPushError(OSError):
 
 
 def check_model_folder(folder: str | Path) -> Path:
-    """Raise FileNotFoundError naming what is missing unless `folder` is a complete, publishable checkpoint:
-    config.json, safetensors weights (single file or index + shards) and the remote code its auto_map names."""
+    """Raise unless `folder` is a complete, publishable checkpoint: FileNotFoundError naming what is missing from
+    config.json, the safetensors weights (single file or index + shards) and the remote code (see
+    `_remote_code_files`); ValueError naming a symlink that leads out of the folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory")
+    _check_links_stay_inside(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: save the model with save_pretrained first")
-    required = [*_weight_files(folder), *(f"{module}.py" for module in _remote_code_modules(config_path))]
+    required = [*_weight_files(folder), *_remote_code_files(folder, config_path)]
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is missing {', '.join(missing)}")
     return folder
+
+
+def _check_links_stay_inside(folder: Path) -> None:
+    """Refuse a symlink, at any depth, whose target lies outside `folder`: the upload would publish what it points
+    at. Links that stay inside are harmless. `folder` itself may be a link (a `latest` alias of a checkpoint)."""
+    root = Path(os.path.realpath(folder))
+    # os.walk does not descend into linked directories, so each link is judged once, where it sits.
+    for parent, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = Path(parent, name)
+            if not path.is_symlink():
+                continue
+            target = Path(os.path.realpath(path))  # unlike Path.resolve, realpath does not raise on a link loop
+            if not target.is_relative_to(root):
+                raise ValueError(f"{path} links to {target}, outside {folder}: copy the file in or remove the link")
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -67,6 +86,18 @@ def _remote_code_modules(config_path: Path) -> list[str]:
     for value in json.loads(config_path.read_text(encoding="utf-8")).get("auto_map", {}).values():
         refs += value if isinstance(value, list) else [value]
     return sorted({ref.split(".")[0] for ref in refs if ref and "--" not in ref})
+
+
+def _remote_code_files(folder: Path, config_path: Path) -> list[str]:
+    """The auto_map modules and every module they import relatively, recursively, as file names: transformers
+    fetches all of them to load the folder with trust_remote_code, so the folder's own code (whichever glade saved
+    it) decides what is required. Imports are read by transformers' own `get_relative_imports`; its recursive
+    `get_relative_import_files` stops at the first missing file, and every missing file should be named at once."""
+    names = [f"{module}.py" for module in _remote_code_modules(config_path)]
+    for name in names:  # grows while walked: each present module adds the imports not yet listed
+        if (folder / name).is_file():
+            names += sorted({f"{module}.py" for module in get_relative_imports(folder / name)} - set(names))
+    return sorted(names)
 
 
 def push_folder(

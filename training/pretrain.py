@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,14 @@ from glade.manifest import write_manifest
 from glade.checkpoints import COMPILED_PREFIX, check_weights, read_checkpoint_config, read_config_file
 from . import distributed
 from .checkpoint import (
+    TRAINER_STATE,
     CheckpointError,
     find_checkpoint,
     list_checkpoints,
     read_trainer_state,
     remove_stale_staging,
     save_checkpoint,
+    set_aside_later_saves,
 )
 from .data import (
     IGNORE_INDEX,
@@ -84,7 +86,7 @@ from .tokenizer import load_tokenizer, token_byte_lengths
 logger = logging.getLogger("glade.pretrain")
 
 FINAL_DIR = "final"
-# Held (flock) by the main process of the run training in the folder; the lock dies with that process.
+# The process id of the run holding the output directory's lock (see RunLock).
 LOCK_FILE = ".lock"
 # Sampling defaults shipped in final/generation_config.json, so `pipeline("text-generation")` samples sensibly. Not a
 # length (it would override a caller's max_length) nor a repetition penalty (greedy would no longer be greedy).
@@ -352,7 +354,7 @@ def pretrain(config: PretrainConfig) -> Path:
         check_launch(config, accelerator)
         data = prepare_data(config, sources, tokenizer, accelerator)
         model, optimizer, scheduler = prepare_training(config, model_config, accelerator)
-        state = TrainerState.start(config, accelerator.num_processes, data.train_key)
+        state = TrainerState.start(config, accelerator.num_processes, data.train_key, model_config)
         if config.resume:
             state = resume(accelerator, config, state, optimizer, scheduler)
         if accelerator.is_main_process:
@@ -444,13 +446,10 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
 
 @contextmanager
 def one_run_per_output_dir(accelerator: Accelerator, output_dir: str) -> Iterator[None]:
-    """Hold OUTPUT_DIR/.lock for the run, or stop every rank if another run holds it.
-
-    The main process takes an advisory lock (flock) on the file. The lock belongs to the open file, so it is
-    released however the process ends: a killed run blocks nothing, and its `--resume` starts. Other ranks take
-    no lock; they learn the main process's verdict and stop with it."""
-    held: list[IO[str]] = []  # the main process's open lock file
-    main_process_decides(accelerator, lambda: held.append(lock_output_dir(Path(output_dir))))
+    """Hold the output directory's RunLock for the run, or stop every rank if another run holds it. Only the main
+    process locks; the other ranks learn its verdict and stop with it."""
+    held: list[RunLock] = []  # the main process's lock
+    main_process_decides(accelerator, lambda: held.append(RunLock(Path(output_dir))))
     try:
         yield
     finally:
@@ -472,25 +471,33 @@ def main_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T
     return verdict[0]
 
 
-def lock_output_dir(output_dir: Path) -> IO[str]:
-    """The open, locked OUTPUT_DIR/.lock (holding this process's id, for the message of a refused run)."""
-    lock = open(output_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise ValueError(
-            f"output directory {output_dir} is in use by another glade pretrain run (process {holder}): wait for it "
-            "to finish, or stop it and continue with --resume latest, or choose another --output-dir"
-        ) from None
-    except OSError as error:  # a file system without locks (some network mounts): train unguarded, not at all
-        logger.warning("cannot lock %s (%s): nothing stops a second run in this folder", lock.name, error.strerror)
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
+class RunLock:
+    """An advisory lock (flock) on the output directory itself, held while the run trains there.
+
+    Locking the directory rather than a file in it means deleting OUTPUT_DIR/.lock cannot release the lock. The
+    lock belongs to the open descriptor, so it is released however the process ends: a killed run blocks nothing,
+    and its `--resume` starts. OUTPUT_DIR/.lock only names the holder's process id, for a refused run's message."""
+
+    def __init__(self, output_dir: Path):
+        self.descriptor = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            holder = (output_dir / LOCK_FILE).read_text().strip() if (output_dir / LOCK_FILE).is_file() else ""
+            raise ValueError(
+                f"output directory {output_dir} is in use by another glade pretrain run (process {holder or 'unknown'})"
+                ": wait for it to finish, or stop it and continue with --resume latest, or choose another --output-dir"
+            ) from None
+        except OSError as error:  # a file system without locks (some network mounts): train unguarded, not at all
+            logger.warning("cannot lock %s (%s): nothing stops a second run in this folder", output_dir,
+                           error.strerror)
+        (output_dir / LOCK_FILE).write_text(f"{os.getpid()}\n")
+
+    def close(self) -> None:
+        if self.descriptor >= 0:
+            os.close(self.descriptor)
+            self.descriptor = -1
 
 
 def check_no_earlier_run(output_dir: str) -> None:
@@ -607,9 +614,12 @@ class TrainerState:
     max_steps: int
     train_data: str
     optimizer: str
+    architecture: dict[str, Any]
 
     @classmethod
-    def start(cls, config: PretrainConfig, num_processes: int, train_data: str) -> TrainerState:
+    def start(
+        cls, config: PretrainConfig, num_processes: int, train_data: str, model_config: PreTrainedConfig
+    ) -> TrainerState:
         return cls(
             step=0,
             tokens_seen=0,
@@ -619,7 +629,22 @@ class TrainerState:
             max_steps=config.max_steps,
             train_data=train_data,
             optimizer=config.optimizer,
+            architecture=architecture(model_config),
         )
+
+
+# Model config fields that do not change what the weights compute: how they were initialised, dropout (a training
+# setting, --dropout), the cache switch, and the special ids generation reads (a new tokenizer is refused anyway).
+NOT_ARCHITECTURE = {"initializer_range", "zero_init", "resid_pdrop", "embd_pdrop", "attn_pdrop", "use_cache",
+                    "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def architecture(model_config: PreTrainedConfig) -> dict[str, Any]:
+    """The fields of the model's own config class that shape what its weights compute, as JSON would store them."""
+    generic = {field.name for field in fields(PreTrainedConfig)}
+    values = {field.name: getattr(model_config, field.name) for field in fields(model_config)
+              if field.name not in generic | NOT_ARCHITECTURE}
+    return json.loads(json.dumps(values))
 
 
 # The data position is a function of these: if one changes, a resumed run would not see the same data.
@@ -640,12 +665,16 @@ def resume(
         accelerator, lambda: str(find_checkpoint(config.output_dir, config.resume, fallback=config.resume_fallback))
     ))
     saved = read_trainer_state(path)
+    missing = [name for name in ("step", "tokens_seen", "max_steps", *DATA_POSITION_FIELDS) if name not in saved]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: its {TRAINER_STATE} lacks {', '.join(missing)}")
     for name, meaning in DATA_POSITION_FIELDS.items():
         if saved[name] != getattr(expected, name):
             raise ValueError(
                 f"cannot resume from {path}: {meaning} changed ({name} was {saved[name]!r}, "
                 f"now {getattr(expected, name)!r}), so the run would not continue on the same data"
             )
+    check_same_architecture(path, saved.get("architecture"), expected.architecture)
     trained_with = saved.get("optimizer", "adamw")  # checkpoints from before --optimizer existed are AdamW's
     if trained_with != expected.optimizer:
         raise ValueError(f"cannot resume from {path}: it holds the state of --optimizer {trained_with}, "
@@ -656,10 +685,36 @@ def resume(
     hyperparameters = command_line_hyperparameters(optimizer)
     # Model, optimizer, scheduler and every rank's RNG states; the optimizer's state brings the saved run's
     # hyperparameters, which this run's replace.
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as error:  # shapes or names that do not fit this run's model
+        raise CheckpointError(f"cannot resume from {path}: it does not fit this run's model and optimizer "
+                              f"({one_line(error)})") from error
     restore_hyperparameters(optimizer, scheduler.scheduler, hyperparameters)  # accelerate wraps the LambdaLR
     accelerator.print(f"resumed from {path} at step {saved['step']}")
+    set_aside = main_process_decides(accelerator, lambda: set_aside_later_saves(config.output_dir, saved["step"],
+                                                                                FINAL_DIR))
+    if set_aside is not None:
+        accelerator.print(f"moved what {config.output_dir} held from after step {saved['step']} to {set_aside}: "
+                          "--resume latest follows this run from now on")
     return TrainerState(**{**asdict(expected), "step": saved["step"], "tokens_seen": saved["tokens_seen"]})
+
+
+def check_same_architecture(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume into a model that computes something else, even where every tensor keeps its shape.
+    Checkpoints from before the architecture was recorded are not checked."""
+    if saved is None:
+        return
+    changed = [f"{name} was {saved.get(name)!r}, now {current.get(name)!r}"
+               for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: the model architecture changed ({'; '.join(changed)}): resume "
+                         "with the checkpoint's model config, or start a new run with --init-from")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (load_state_dict lists every mismatched tensor on its own line)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def tracker_config(config: PretrainConfig) -> dict[str, Any]:
@@ -884,7 +939,7 @@ def export_final(
         tokenizer.save_pretrained(staging)
         shutil.copy(metrics.path, staging / metrics.path.name)
         write_card(staging, config, source, loss_curve)
-        write_manifest(staging)
+        write_manifest(staging, step=config.max_steps)
     accelerator.print(f"saved {final}")
     return final
 

@@ -93,3 +93,17 @@ def test_an_intact_checkpoint_loads_its_own_weights(checkpoint):
     for name, tensor in tiny_model().state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     check_weights(str(checkpoint))
+
+
+@pytest.mark.parametrize("edit", [{"n_layer": 100_000}, {"n_embd": 64 * 1024, "n_head": 4}])
+def test_a_config_far_larger_than_its_weights_is_refused_before_the_model_is_built(checkpoint, edit, monkeypatch):
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, **edit}))
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(GladeForCausalLM, "__init__", built)
+    with pytest.raises(ValueError, match=r"config.json describes a model of [\d,]+ parameters .* but its weights "
+                                         r"hold 124,736: the config does not belong to these weights$"):
+        load_causal_lm(str(checkpoint))

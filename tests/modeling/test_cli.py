@@ -8,7 +8,7 @@ from glade.cli import COMMANDS, main
 
 # The commands' modules and what only they pull in; `glade --help` must not wait for them.
 HEAVY_MODULES = [
-    "glade.generate", "glade.inspection", "glade.param_count", "glade.conversion", "glade.training.hub",
+    "glade.generate", "glade.inspection", "glade.params_command", "glade.conversion", "glade.training.hub",
     "glade.training.tokenizer", "glade.training.pretrain", "matplotlib", "datasets",
 ]
 

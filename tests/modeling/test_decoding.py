@@ -76,6 +76,16 @@ def test_bf16_weights_decode(gpt2_model):
     assert (decoded == greedy(model, PROMPT, 16)).float().mean() > 0.8
 
 
+def test_weights_cast_after_the_first_call_decode_in_their_new_dtype(gpt2_model):
+    decoder = CompiledDecoder(gpt2_model, max_length=32)
+    fp32 = decoder.generate(PROMPT, 8)
+    gpt2_model.to(torch.bfloat16)
+    assert (decoder.generate(PROMPT, 8) == greedy(gpt2_model, PROMPT, 8)).float().mean() > 0.8
+    assert decoder.cache.layers[0].keys.dtype == torch.bfloat16
+    gpt2_model.to(torch.float32)
+    assert torch.equal(decoder.generate(PROMPT, 8), fp32)
+
+
 def test_a_decoder_of_bf16_weights_warns_where_the_cpu_emulates_bf16(gpt2_model, fake_cpu, caplog):
     hardware.warn_emulated_bf16.cache_clear()
     fake_cpu("x86_64", "avx2 fma")

@@ -168,11 +168,11 @@ def test_two_cpu_processes_shard_the_data_match_one_process_and_export_once(
 
 
 def test_a_launch_into_a_folder_in_use_stops_on_every_rank(base_options, argv, training_env, tmp_path):
-    from glade.training.pretrain import lock_output_dir
+    from glade.training.pretrain import RunLock
 
     output = tmp_path / "busy"
     output.mkdir()
-    lock = lock_output_dir(output)  # held by this process, as by another run's main process
+    lock = RunLock(output)  # held by this process, as by another run's main process
     try:
         result = subprocess.run(
             launch_command(DDP, {**base_options, "max_steps": STEPS, "output_dir": output}, argv),

@@ -18,7 +18,7 @@ from subprocess_helpers import last_json_line, run_without_glade
 import glade.training.hub as hub_module
 from glade import REMOTE_CODE_FILES
 from glade.cli import main as glade_main
-from glade.training.hub import HubPushError, push_folder
+from glade.training.hub import HubPushError, check_model_folder, push_folder
 from glade.training.model_card import write_model_card
 
 LAST_EVAL = {"step": 40, "val_loss": 5.25, "val_ppl": 190.5662, "val_bpb": 7.5742}
@@ -228,12 +228,68 @@ def test_a_card_naming_another_repo_is_pushed_with_a_warning(hub, model_dir, cap
     assert "does not mention org/renamed: its usage snippets load another id" in caplog.text
 
 
-@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "modeling_glade.py"])
+# kernels_glade.py is imported by modeling_glade.py, hardware.py only through fast_generate.py then decoding.py.
+@pytest.mark.parametrize(
+    "missing", ["config.json", "model.safetensors", "modeling_glade.py", "kernels_glade.py", "hardware.py"]
+)
 def test_incomplete_folder_is_refused_before_any_request(hub, model_dir, missing):
     (model_dir / missing).unlink()
     with pytest.raises(FileNotFoundError, match=rf"glade-push (has no|is missing) {missing}"):
         push_folder(model_dir, "org/glade-push", token=hub.token, endpoint=hub.url)
     assert hub.requests == []
+
+
+def test_every_missing_remote_code_file_is_named_in_one_line(hub, model_dir, capsys, monkeypatch):
+    (model_dir / "kernels_glade.py").unlink()
+    (model_dir / "sampling.py").unlink()
+    code = push_from_the_command_line(monkeypatch, hub.url, str(model_dir), "org/glade-push", "--token", hub.token)
+    assert code == 2
+    assert capsys.readouterr().err == f"glade push: error: {model_dir} is missing kernels_glade.py, sampling.py\n"
+    assert hub.requests == []
+
+
+def test_the_remote_code_required_is_what_the_folders_own_code_imports(hub, model_dir):
+    # A folder saved by another glade version: its modeling code imports a module this glade does not ship...
+    with (model_dir / "modeling_glade.py").open("a", encoding="utf-8") as modeling:
+        modeling.write("from .rotary_glade import apply_rotary\n")
+    with pytest.raises(FileNotFoundError, match=r"glade-push is missing rotary_glade.py$"):
+        push_folder(model_dir, "org/glade-push", token=hub.token, endpoint=hub.url)
+    assert hub.requests == []
+    # ...and one this glade ships is not required where nothing imports it.
+    decoding = model_dir / "decoding.py"
+    decoding.write_text(decoding.read_text(encoding="utf-8").replace("from .hardware import", "from os import"))
+    (model_dir / "hardware.py").unlink()
+    (model_dir / "rotary_glade.py").write_text("def apply_rotary(x):\n    return x\n")
+    assert check_model_folder(model_dir) == model_dir
+
+
+@pytest.mark.parametrize(
+    "link, target",
+    [("notes.txt", "../secrets/token.txt"), ("logs/run-1/notes.txt", "secrets/token.txt"), ("extras", "secrets")],
+    ids=["relative-file-link", "nested-file-link", "directory-link"],
+)
+def test_a_link_out_of_the_folder_is_refused_before_any_request(hub, model_dir, tmp_path, link, target):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token.txt").write_text("hf_not_for_the_hub")
+    (model_dir / link).parent.mkdir(parents=True, exist_ok=True)
+    (model_dir / link).symlink_to(target if target.startswith("..") else tmp_path / target)
+    with pytest.raises(ValueError) as raised:
+        push_folder(model_dir, "org/glade-push", token=hub.token, endpoint=hub.url)
+    resolved = os.path.realpath(tmp_path / target.removeprefix("../"))
+    assert str(raised.value) == (
+        f"{model_dir / link} links to {resolved}, outside {model_dir}: copy the file in or remove the link"
+    )
+    assert hub.requests == []
+
+
+def test_links_inside_the_folder_are_pushed_as_the_files_they_name(hub, model_dir, tmp_path):
+    (model_dir / "README.md").unlink()  # the card is written into a twin folder of links, which must still work
+    (model_dir / "tokenizer-copy.json").symlink_to("tokenizer.json")
+    (tmp_path / "latest").symlink_to(model_dir, target_is_directory=True)
+    push_folder(tmp_path / "latest", "org/linked", token=hub.token, endpoint=hub.url)
+    files = hub.files("org/linked")
+    assert files["tokenizer-copy.json"] == (model_dir / "tokenizer.json").read_bytes()
+    assert "README.md" in files
 
 
 def test_sharded_weights_must_all_be_present(hub, model_dir):

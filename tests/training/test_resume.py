@@ -124,7 +124,7 @@ def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(
     )
 
 
-def test_one_run_per_output_directory_and_a_killed_runs_lock_does_not_block_its_resume(
+def test_one_run_per_output_directory_even_without_its_lock_file_and_a_killed_runs_lock_does_not_block_resume(
     base_options, argv, pretrain_subprocess, training_env
 ):
     options = {**base_options, "max_steps": 100_000, "save_every": 5, "keep_last": 1}
@@ -134,12 +134,15 @@ def test_one_run_per_output_directory_and_a_killed_runs_lock_does_not_block_its_
                              stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: list(output.glob("checkpoint-*/COMPLETE")), first, "the first checkpoint")
-        for second in ({}, {"resume": "latest"}):  # a new run, and a resume, while the first one trains
+        # A new run, and a resume after someone deleted .lock, while the first one trains.
+        for second, holder in (({}, first.pid), ({"resume": "latest"}, "unknown")):
+            if second:
+                (output / ".lock").unlink()
             refused = subprocess.run([*command, *argv({**options, **second})], env=training_env,
                                      capture_output=True, text=True, timeout=120)
             assert refused.returncode == 2, refused.stderr[-3000:]
             assert (f"glade pretrain: error: output directory {output} is in use by another glade pretrain run "
-                    f"(process {first.pid})") in refused.stderr
+                    f"(process {holder})") in refused.stderr
             assert first.poll() is None  # and the first one trains on
         first.send_signal(signal.SIGKILL)
     finally:
@@ -173,3 +176,105 @@ def test_a_resumed_run_applies_its_own_learning_rates_and_weight_decay(base_opti
     assert {(group["initial_lr"], group["weight_decay"]) for group in muon} == {(0.01, 0.05)}
     card = (output / "final" / "README.md").read_text()
     assert "| lr | 0.006 |" in card and "| muon_lr | 0.01 |" in card and "| weight_decay | 0.05 |" in card
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing in glade catches it, and nothing after it runs."""
+
+
+def test_resume_latest_follows_the_run_resumed_from_an_older_checkpoint(
+    base_options, argv, capsys, monkeypatch, fresh_accelerate
+):
+    import glade.training.pretrain as pretrain_module
+
+    options = {**base_options, "max_steps": 6, "save_every": 2, "keep_last": 0}
+    output = options["output_dir"]
+    pretrain(PretrainConfig(**options))  # run A: checkpoints 2, 4, 6 and final/
+    fresh_accelerate()
+
+    # Run B branches from A's step 2 with another learning rate and is killed at step 3, before it saves anything.
+    steps = []
+    real_step = pretrain_module.optimizer_step
+
+    def step_then_die(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "optimizer_step", step_then_die)
+    with pytest.raises(Killed):
+        pretrain(PretrainConfig(**{**options, "lr": 1e-3, "resume": str(output / "checkpoint-2")}))
+    monkeypatch.setattr(pretrain_module, "optimizer_step", real_step)
+    fresh_accelerate()
+    capsys.readouterr()
+
+    # A's later saves are out of the way, kept: latest is B's branch point, not A's abandoned step 6.
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    (abandoned,) = (output / "abandoned").iterdir()
+    assert sorted(path.name for path in abandoned.iterdir()) == ["checkpoint-4", "checkpoint-6", "final"]
+    assert glade_main(["pretrain", *argv({**options, "lr": 1e-3, "resume": "latest"})]) == 0
+    assert f"resumed from {output / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    assert json.loads((output / "final" / "COMPLETE").read_text())["step"] == 6
+    lrs = {r["step"]: r["lr"] for r in read_records(output / "metrics.jsonl") if "lr" in r}
+    abandoned_lrs = {r["step"]: r["lr"] for r in read_records(abandoned / "final" / "metrics.jsonl") if "lr" in r}
+    assert lrs[2] == abandoned_lrs[2] and lrs[4] == pytest.approx(abandoned_lrs[4] / 3)  # B's schedule, not A's
+
+
+@pytest.fixture
+def saved_at_step_2(base_options, fresh_accelerate) -> dict:
+    options = {**base_options, "max_steps": 2, "save_every": 2, "keep_last": 0}
+    pretrain(PretrainConfig(**options))
+    fresh_accelerate()
+    return {**options, "max_steps": 4, "resume": "latest"}
+
+
+def refusal(options: dict, argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        glade_main(["pretrain", *argv(options)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_resume_refuses_an_architecture_change_that_keeps_every_shape(saved_at_step_2, argv, capsys, tmp_path):
+    config = json.loads(saved_at_step_2["config"].read_text())
+    changed = tmp_path / "softcapped.json"
+    changed.write_text(json.dumps({**config, "logit_softcap": 30.0, "layer_norm_epsilon": 1e-6}))
+    line = refusal({**saved_at_step_2, "config": changed}, argv, capsys)
+    assert "the model architecture changed (layer_norm_epsilon was 1e-05, now 1e-06; logit_softcap was None, now " \
+           "30.0)" in line
+
+
+def regenerate_manifest(checkpoint) -> None:
+    """What a careful tamperer does: the checkpoint verifies again."""
+    from glade.manifest import write_manifest
+
+    manifest = json.loads((checkpoint / "COMPLETE").read_text())
+    write_manifest(checkpoint, step=manifest["step"])
+
+
+def test_a_checkpoint_of_another_shape_is_one_line_even_without_its_recorded_architecture(
+    saved_at_step_2, argv, capsys, tmp_path
+):
+    checkpoint = saved_at_step_2["output_dir"] / "checkpoint-2"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["architecture"]  # as a checkpoint from before it was recorded
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    regenerate_manifest(checkpoint)
+    config = json.loads(saved_at_step_2["config"].read_text())
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({**config, "n_embd": 2 * config["n_embd"]}))
+    line = refusal({**saved_at_step_2, "config": wider}, argv, capsys)
+    assert f"cannot resume from {checkpoint}: it does not fit this run's model and optimizer (" in line
+    assert "size mismatch for transformer.wte.weight" in line
+
+
+def test_a_tampered_trainer_state_with_a_regenerated_manifest_is_one_line(saved_at_step_2, argv, capsys):
+    checkpoint = saved_at_step_2["output_dir"] / "checkpoint-2"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["seed"], state["tokens_seen"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    regenerate_manifest(checkpoint)
+    line = refusal(saved_at_step_2, argv, capsys)
+    assert line.endswith(f"cannot resume from {checkpoint}: its trainer_state.json lacks tokens_seen, seed")
