@@ -20,6 +20,10 @@ SAMPLE_TEXT = (
     "In the village, people talked of little else.\n\n"
     "By June the fields had dried, and the children went back to swimming off the old stone pier."
 )
+# generate() fills each setting a call leaves unset from the model's generation config, and then warns ("generation
+# flags are not valid") that greedy decoding ignores a checkpoint's temperature or top_k. Greedy decoding reads none of
+# them: set to the values transformers falls back to, there is nothing left to fill in or warn about.
+GREEDY_SAMPLING_SETTINGS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 @dataclass
@@ -112,7 +116,9 @@ def _hidden_state_labels(count: int) -> list[str]:
 @torch.no_grad()
 def greedy_continuation(model: PreTrainedModel, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
     # min_new_tokens keeps an end-of-text token from cutting one model's continuation short.
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **GREEDY_SAMPLING_SETTINGS
+    )
     output = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
     return output[0, prompt.shape[1] :].tolist()
 

@@ -129,6 +129,9 @@ def load_documents(source: TextSource, streaming: bool = False):
     import datasets  # slow to import, and not needed at all when the tokens are cached
 
     if source.kind == "files":
+        for path in source.locations:
+            if Path(path).suffix.lower() == ".jsonl":
+                check_json_lines(path, source.text_column)
         builder = FILE_BUILDERS[Path(source.locations[0]).suffix.lower()]
         # A .txt file is one document: splitting it by lines would put <|endoftext|> after every line.
         options = {"sample_by": "document"} if builder == "text" else {}
@@ -150,6 +153,35 @@ def load_documents(source: TextSource, streaming: bool = False):
             f"its columns are: {', '.join(columns) or '(none)'} (choose one with --text-column)"
         )
     return documents
+
+
+def check_json_lines(path: str, text_column: str) -> None:
+    """Refuse the first line of a JSON Lines file that is not a JSON object with the text column, by file and line.
+
+    `datasets` would stop at a line that is not JSON with a traceback naming neither (its row numbers count within a
+    block), and read a line without the column as no text, skipped. Blank lines pass, as `datasets` skips them; a
+    JSON array or objects spread over lines, which `datasets` also reads, belong in a .json file. A file that is not
+    UTF-8 raises the UnicodeDecodeError that `naming_undecodable_files` names.
+    """
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                # Not error.colno: a line cut off fails at its newline, which json counts as column 1 of a line 2.
+                problem = f"{error.msg} at column {error.pos + 1}"
+                raise ValueError(f"data file {path} line {number} is not JSON ({problem})") from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"data file {path} line {number} is not a JSON object: a .jsonl file holds one object per line"
+                )
+            if text_column not in record:
+                raise ValueError(
+                    f"text column {text_column!r} not found in data file {path} line {number}; its columns are: "
+                    f"{', '.join(record) or '(none)'} (choose one with --text-column)"
+                )
 
 
 def iter_texts(documents, text_column: str, batch_size: int = TOKENIZE_BATCH) -> Iterator[list[str]]:

@@ -88,13 +88,15 @@ def train_tokenizer_from_data(
     overwrite: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train on text files or a dataset (anything `glade.training.data.resolve_source` accepts) and save."""
-    from .data import iter_texts, load_documents, resolve_source
+    from .data import iter_texts, load_documents, naming_undecodable_files, resolve_source
 
     check_min_frequency(min_frequency)
     check_output_dir(output_dir, overwrite)
     source = resolve_source(data, text_column=text_column, split=split)
-    documents = load_documents(source, streaming=streaming)
-    tokenizer = train_tokenizer(iter_texts(documents, text_column), vocab_size, min_frequency=min_frequency)
+    # Streamed documents are read while training, so a file that is not UTF-8 can fail in either step.
+    with naming_undecodable_files(source):
+        documents = load_documents(source, streaming=streaming)
+        tokenizer = train_tokenizer(iter_texts(documents, text_column), vocab_size, min_frequency=min_frequency)
     if len(tokenizer) <= MIN_VOCAB_SIZE:
         raise ValueError(f"no merges could be learned from {source.describe()}: is the text column empty?")
     save_tokenizer(tokenizer, output_dir, overwrite)

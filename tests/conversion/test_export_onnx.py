@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint_helpers import rewrite_weights
 from export_helpers import saved_random_glade
 from glade import GladeConfig
 from glade.cli import main
@@ -66,7 +67,50 @@ def test_onnxruntime_logits_equal_pytorchs_for_any_batch_and_length(exported, ba
     np.testing.assert_allclose(logits[real], expected.numpy()[real], atol=1e-4, rtol=0)
 
 
+def test_a_longer_sequence_than_n_positions_is_refused_by_a_named_node(exported):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, folder = exported
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    n_positions = model.config.n_positions
+    input_ids = np.zeros((1, n_positions), dtype=np.int64)
+    (logits,) = session.run(None, {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)})
+    assert logits.shape[1] == n_positions
+    # PyTorch refuses it too; without the check a rotary graph ran any length.
+    too_long = np.zeros((1, n_positions + 1), dtype=np.int64)
+    invalid_argument = onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument
+    with pytest.raises(invalid_argument, match=rf"{onnx_export.TOO_LONG_NODE}.*idx={n_positions} must be within"):
+        session.run(None, {"input_ids": too_long, "attention_mask": np.ones_like(too_long)})
+
+
+DAMAGE = {
+    "missing": (lambda tensors: tensors.pop("transformer.h.0.attn.c_proj.weight"),
+                "missing transformer.h.0.attn.c_proj.weight"),
+    "unexpected": (lambda tensors: tensors.update(extra=torch.zeros(2)), "unexpected extra"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_checkpoint_that_does_not_match_its_config_is_refused_before_anything_is_written(tmp_path, capsys, damage):
+    # Refused before the exporter's modules are needed: runs without them.
+    edit, problem = DAMAGE[damage]
+    saved_random_glade(tmp_path / "glade")
+    rewrite_weights(tmp_path / "glade", edit)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "onnx", str(tmp_path / "glade"), str(tmp_path / "onnx")])
+    assert exit_info.value.code == 2
+    error = f"glade export: error: {tmp_path / 'glade'} does not match its config: {problem}"
+    assert capsys.readouterr().err.splitlines()[-1] == error
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_another_model_type_is_refused_by_name(tmp_path, gpt2_dir):
+    with pytest.raises(ValueError, match=r"is not a glade config \(model_type='gpt2', expected 'glade'\)"):
+        onnx_export.export_onnx(gpt2_dir, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_a_missing_exporter_names_the_extra_to_install(tmp_path, monkeypatch, capsys):
+    saved_random_glade(tmp_path / "glade")
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # what Python reports for a module that is not installed
     with pytest.raises(ModuleNotFoundError, match=r"needs onnxscript: pip install 'glade\[onnx\]'"):
         onnx_export.export_onnx(tmp_path / "glade", tmp_path / "onnx")

@@ -1,11 +1,12 @@
 """Glade -> the stock transformers class its config picks: GPT-NeoX, Llama, Qwen3 (and GPT-2, as `export gpt2`)."""
 
 import json
+import logging
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from export_helpers import saved_random_glade
 from glade import GladeConfig
@@ -122,3 +123,18 @@ def test_cli_exports_with_a_parity_report_and_names_a_refused_option(tmp_path, c
         main(["export", "stock", str(tmp_path / "capped"), str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "glade export: error: Glade config uses logit_softcap=30.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,options", [("gpt2", {}), ("stock", ROTARY)])
+def test_check_of_a_checkpoint_that_samples_logs_no_generation_warning(tmp_path, caplog, command, options):
+    # The shipped model's settings: greedy parity decoding used to inherit them and have transformers warn.
+    saved_random_glade(tmp_path / "glade", **options)
+    GenerationConfig(do_sample=True, temperature=0.6, top_k=40, eos_token_id=256).save_pretrained(tmp_path / "glade")
+    transformers_logger = logging.getLogger("transformers")  # it does not propagate to caplog's root handler
+    transformers_logger.addHandler(caplog.handler)
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process record of warnings already given
+    try:
+        assert main(["export", command, str(tmp_path / "glade"), str(tmp_path / "out"), "--check"]) == 0
+    finally:
+        transformers_logger.removeHandler(caplog.handler)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []

@@ -274,6 +274,23 @@ def test_a_file_that_is_not_utf8_is_named(name, content, streaming, tmp_path):
                           streaming=streaming, show_progress=False)
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_a_jsonl_line_without_the_text_column_is_named_not_skipped(tmp_path, streaming):
+    # The check pretraining shares with glade train-tokenizer, whose tests cover the other broken lines.
+    good, bad = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    good.write_text(json.dumps({"text": "fine"}) + "\n")
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"title": "no text"}) + "\n")
+    source = resolve_source([str(good), str(bad)])
+    with pytest.raises(ValueError, match=rf"text column 'text' not found in data file {bad} line 2; its columns are: "
+                                         r"title \(choose one with --text-column\)"):
+        tokenize_to_cache(source, byte_level_tokenizer(), tmp_path / "cache", streaming=streaming, show_progress=False)
+    # Blank lines are no records, as datasets reads them.
+    bad.write_text(json.dumps({"text": "fine"}) + "\n\n  \n" + json.dumps({"text": "too"}) + "\n")
+    token_file = tokenize_to_cache(resolve_source([str(good), str(bad)]), byte_level_tokenizer(), tmp_path / "cache",
+                                   streaming=streaming, show_progress=False)
+    assert token_file.num_documents == 3
+
+
 @pytest.mark.parametrize("metadata", ["not json at all", "[1, 2]", json.dumps({"num_tokens": 3})])
 def test_damaged_cache_metadata_is_named(metadata, jsonl, tmp_path):
     tokenizer, cache = byte_level_tokenizer(), tmp_path / "cache"

@@ -52,6 +52,47 @@ def test_cli_names_a_missing_text_column(tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
+GOOD_LINE = json.dumps({"text": "the quick brown fox"}) + "\n"
+BROKEN_LINES = {
+    "not-json": ('{"text": "cut off"\n', "is not JSON (Expecting ',' delimiter at column 20)"),
+    "not-an-object": ('["text", "in a list"]\n', "is not a JSON object: a .jsonl file holds one object per line"),
+    "no-text-column": ('{"body": "elsewhere", "id": 3}\n',
+                       "text column 'text' not found in data file {path} line 3; its columns are: body, id"),
+}
+
+
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["loaded", "streamed"])
+@pytest.mark.parametrize("broken", BROKEN_LINES)
+def test_cli_names_the_file_and_line_of_a_broken_jsonl_line(tmp_path, capsys, broken, streaming):
+    line, problem = BROKEN_LINES[broken]
+    data = tmp_path / "docs.jsonl"
+    data.write_text(GOOD_LINE + "\n" + line + GOOD_LINE)  # the blank line counts, as in an editor
+    with pytest.raises(SystemExit) as exit_info:
+        glade_main(["train-tokenizer", "--data", str(data), "--vocab-size", "300", "--output-dir",
+                    str(tmp_path / "tok"), *streaming])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("glade train-tokenizer: error: ")
+    assert problem.format(path=data) in error and f"data file {data} line 3" in error
+    assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["loaded", "streamed"])
+def test_cli_names_a_binary_text_file(tmp_path, capsys, streaming):
+    (tmp_path / "good.txt").write_text("the quick brown fox\n")
+    binary = tmp_path / "random.txt"
+    binary.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(SystemExit) as exit_info:
+        glade_main(["train-tokenizer", "--data", str(tmp_path / "*.txt"), "--vocab-size", "300", "--output-dir",
+                    str(tmp_path / "tok"), *streaming])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"glade train-tokenizer: error: data file {binary} is not UTF-8 text (a binary file, or text in another "
+        "encoding such as Latin-1): convert it to UTF-8 or leave it out"
+    )
+    assert not (tmp_path / "tok").exists()
+
+
 def test_cli_never_wipes_a_folder_that_holds_more_than_a_tokenizer(tmp_path, capsys):
     # Pointed at the data's own folder, training must not delete the data (it used to, and exit 0).
     data = tmp_path / "corpus.txt"
