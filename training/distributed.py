@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, is_bf16_available
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    is_bf16_available,
+)
 from accelerate.utils.environment import parse_flag_from_env
 
 logger = logging.getLogger(__name__)
@@ -68,3 +75,20 @@ def can_fuse_optimizer(accelerator: Accelerator) -> bool:
     # optimizer wrapper take torch's default (foreach) path instead.
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     return plain and accelerator.device.type in ("cpu", "cuda")
+
+
+T = TypeVar("T")
+
+
+def main_process_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """`decide()`, run by the main process only: every rank returns its result, or raises its error."""
+    verdict: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            verdict = [decide()]
+        except Exception as error:  # the other ranks must hear of any failure, or they would wait forever
+            verdict = [error]
+    broadcast_object_list(verdict)
+    if isinstance(verdict[0], Exception):
+        raise verdict[0]
+    return verdict[0]

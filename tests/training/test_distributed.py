@@ -168,7 +168,7 @@ def test_two_cpu_processes_shard_the_data_match_one_process_and_export_once(
 
 
 def test_a_launch_into_a_folder_in_use_stops_on_every_rank(base_options, argv, training_env, tmp_path):
-    from glade.training.pretrain import RunLock
+    from glade.training.output_dir import RunLock
 
     output = tmp_path / "busy"
     output.mkdir()

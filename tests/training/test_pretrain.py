@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-import glade.training.pretrain as pretrain_module
+import glade.training.pretrain_setup as pretrain_setup
 from checkpoint_helpers import rewrite_weights
 from glade.checkpoints import load_model_and_tokenizer
 from glade.cli import main as glade_main
@@ -19,7 +19,8 @@ from glade.kernels_glade import BLOCK_ATTENTION
 from glade.manifest import MANIFEST, ManifestError
 from glade.tiny import byte_level_tokenizer, tiny_model
 from glade.training.data import eval_batches, resolve_source, split_train_val, tokenize_to_cache
-from glade.training.pretrain import PretrainConfig, TrainingDiverged, build_parser, forward_backward, pretrain
+from glade.cli import build_parser
+from glade.training.pretrain import PretrainConfig, TrainingDiverged, forward_backward, pretrain
 from glade.training.tokenizer import token_byte_lengths
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -279,7 +280,7 @@ def test_a_compiled_run_trains_eager_where_the_uncompiled_block_was_fastest(
     base_options, fresh_accelerate, capsys, monkeypatch
 ):
     measured = KernelChoice(UNCOMPILED, {UNCOMPILED: 1.0, "sdpa": 2.0, BLOCK_ATTENTION: 3.0})
-    monkeypatch.setattr(pretrain_module, "choose_kernel", lambda *args, **kwargs: measured)
+    monkeypatch.setattr(pretrain_setup, "choose_kernel", lambda *args, **kwargs: measured)
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("torch.compile was called")
@@ -291,7 +292,9 @@ def test_a_compiled_run_trains_eager_where_the_uncompiled_block_was_fastest(
 
 
 def test_the_command_line_and_the_python_api_build_the_same_config(base_options, argv, tmp_path):
-    from_command_line = PretrainConfig.from_args(build_parser().parse_args(argv({**base_options, "max_steps": 40})))
+    from_command_line = PretrainConfig.from_args(
+        build_parser("pretrain").parse_args(["pretrain", *argv({**base_options, "max_steps": 40})])
+    )
     assert from_command_line == PretrainConfig(**base_options, max_steps=40)  # one set of defaults
     assert from_command_line.data == (str(base_options["data"][0]),) and from_command_line.beta2 == 0.95
     # Resolved once, when the config is built; block_size needs the model (fit_block_size).
