@@ -27,7 +27,7 @@ import torch
 from transformers.utils import logging
 
 from glade.hardware import bf16_support
-from glade.kernel_choice import KernelChoice, choose_kernel
+from glade.training.kernel_choice import KernelChoice, choose_kernel
 
 import decoding
 from models import (

@@ -1,6 +1,6 @@
 """Training data: documents -> one cached token file -> fixed blocks -> per-rank batches.
 
-1. `resolve_source` / `load_documents`: local `.txt` / `.jsonl` / `.parquet` files (each `.txt` file is one
+1. `resolve_text_source` / `load_documents`: local `.txt` / `.jsonl` / `.parquet` files (each `.txt` file is one
    document), a local dataset folder, or a Hub dataset id, read with `datasets` (optionally streaming).
 2. `tokenize_to_cache`: every document is tokenized once, followed by `<|endoftext|>`, into a flat numpy token file
    (uint16 when the vocabulary fits, else uint32) whose name is a hash of the tokenizer, the data and the options,
@@ -81,7 +81,7 @@ class TextSource:
         return identity
 
 
-def resolve_source(
+def resolve_text_source(
     data: Sequence[str], text_column: str = "text", split: str = "train", config_name: str | None = None
 ) -> TextSource:
     """Classify `--data` arguments, failing early on missing or empty files and unsupported formats."""

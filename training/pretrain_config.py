@@ -22,9 +22,9 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from glade.hardware import MIXED_PRECISION_CHOICES
-from glade.kernel_choice import CANDIDATES
 
 from .data import default_cache_dir
+from .kernel_choice import CANDIDATES
 from .optim import DEFAULT_MUON_LR, OPTIMIZERS
 
 MODEL_SOURCES = ("preset", "config", "init_from")

@@ -14,19 +14,19 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig
 from glade import GladeConfig, GladeForCausalLM, GladePreTrainedModel  # registers glade with the Auto classes
 from glade.checkpoints import check_weights, read_checkpoint_config, read_config_file
 from glade.hardware import choose_precision, cpu_name
-from glade.kernel_choice import UNCOMPILED, choose_kernel
 
 from . import distributed
-from .data import TextSource, TokenBlocks, default_cache_dir, resolve_source, split_train_val, tokenize_to_cache
+from .kernel_choice import UNCOMPILED, choose_kernel
+from .data import TextSource, TokenBlocks, default_cache_dir, resolve_text_source, split_train_val, tokenize_to_cache
 from .optim import check_optimizer_fits, make_optimizer, make_scheduler
 from .pretrain_config import PretrainConfig
 
 
 def resolve_sources(config: PretrainConfig) -> tuple[TextSource, TextSource | None]:
-    train = resolve_source(config.data, config.text_column, config.data_split, config.data_config)
+    train = resolve_text_source(config.data, config.text_column, config.data_split, config.data_config)
     if config.val_data is None:
         return train, None
-    return train, resolve_source(config.val_data, config.text_column, config.val_split, config.data_config)
+    return train, resolve_text_source(config.val_data, config.text_column, config.val_split, config.data_config)
 
 
 def build_model_config(config: PretrainConfig, tokenizer) -> PreTrainedConfig:

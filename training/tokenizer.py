@@ -15,7 +15,7 @@ from glade.atomic import atomic_directory
 from glade.byte_level import BYTE_ALPHABET, END_OF_TEXT, byte_level_bpe, wrap_tokenizer
 from glade.checkpoints import load_tokenizer_files
 
-from .data import iter_texts, load_documents, naming_undecodable_files, resolve_source
+from .data import iter_texts, load_documents, naming_undecodable_files, resolve_text_source
 
 # Every byte needs a token before any merge can be learned, plus one for <|endoftext|>.
 MIN_VOCAB_SIZE = len(BYTE_ALPHABET) + 1
@@ -89,10 +89,10 @@ def train_tokenizer_from_data(
     min_frequency: int = 2,
     overwrite: bool = False,
 ) -> PreTrainedTokenizerFast:
-    """Train on text files or a dataset (anything `glade.training.data.resolve_source` accepts) and save."""
+    """Train on text files or a dataset (anything `glade.training.data.resolve_text_source` accepts) and save."""
     check_min_frequency(min_frequency)
     check_output_dir(output_dir, overwrite)
-    source = resolve_source(data, text_column=text_column, split=split)
+    source = resolve_text_source(data, text_column=text_column, split=split)
     # Streamed documents are read while training, so a file that is not UTF-8 can fail in either step.
     with naming_undecodable_files(source):
         documents = load_documents(source, streaming=streaming)

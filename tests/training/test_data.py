@@ -14,7 +14,7 @@ from glade.training.data import (
     TokenBlocks,
     eval_batches,
     model_inputs,
-    resolve_source,
+    resolve_text_source,
     split_train_val,
     token_dtype,
     tokenize_to_cache,
@@ -41,7 +41,7 @@ def expected_tokens(tokenizer, docs):
 
 def test_documents_are_tokenized_once_each_followed_by_eos(jsonl, tmp_path):
     tokenizer = byte_level_tokenizer()
-    token_file = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, tmp_path / "cache", show_progress=False)
+    token_file = tokenize_to_cache(resolve_text_source([str(jsonl)]), tokenizer, tmp_path / "cache", show_progress=False)
     assert token_file.dtype == "uint16"
     assert token_file.tokens().tolist() == expected_tokens(tokenizer, DOCS)
     assert token_file.num_documents == 3  # the empty one is skipped
@@ -66,7 +66,7 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(byte_level_bpe, 
     monkeypatch.setattr(data_module, "ENCODE_CHARS", 2_000)  # several encode calls per document
     path = tmp_path / "book.txt"
     path.write_text(text)
-    token_file = tokenize_to_cache(resolve_source([str(path)]), byte_level_bpe, tmp_path / "cache", show_progress=False)
+    token_file = tokenize_to_cache(resolve_text_source([str(path)]), byte_level_bpe, tmp_path / "cache", show_progress=False)
     assert token_file.tokens().tolist() == expected_tokens(byte_level_bpe, [text])
     assert token_file.num_documents == 1
 
@@ -85,7 +85,7 @@ def test_tokenizers_that_a_cut_could_change_are_encoded_whole(bpe_tokenizer_dir)
 
 def test_streaming_gives_the_same_tokens(jsonl, tmp_path):
     tokenizer = byte_level_tokenizer()
-    source = resolve_source([str(jsonl)])
+    source = resolve_text_source([str(jsonl)])
     streamed = tokenize_to_cache(source, tokenizer, tmp_path / "a", streaming=True, show_progress=False)
     loaded = tokenize_to_cache(source, tokenizer, tmp_path / "b", streaming=False, show_progress=False)
     np.testing.assert_array_equal(streamed.tokens(), loaded.tokens())
@@ -98,12 +98,12 @@ def test_a_text_file_is_one_document_and_parquet_is_read(tmp_path):
     tokenizer = byte_level_tokenizer()
     text = tmp_path / "a.txt"
     text.write_text("line one\nline two\n")
-    token_file = tokenize_to_cache(resolve_source([str(text)]), tokenizer, tmp_path / "c", show_progress=False)
+    token_file = tokenize_to_cache(resolve_text_source([str(text)]), tokenizer, tmp_path / "c", show_progress=False)
     assert token_file.tokens().tolist() == expected_tokens(tokenizer, ["line one\nline two\n"])
 
     parquet = tmp_path / "a.parquet"
     pq.write_table(pa.table({"body": ["alpha", "beta"]}), parquet)
-    token_file = tokenize_to_cache(resolve_source([str(parquet)], text_column="body"), tokenizer, tmp_path / "c",
+    token_file = tokenize_to_cache(resolve_text_source([str(parquet)], text_column="body"), tokenizer, tmp_path / "c",
                                    show_progress=False)
     assert token_file.tokens().tolist() == expected_tokens(tokenizer, ["alpha", "beta"])
 
@@ -113,21 +113,21 @@ def test_the_cache_is_reused_and_invalidated_by_changes(jsonl, tmp_path, monkeyp
 
     tokenizer = byte_level_tokenizer()
     cache = tmp_path / "cache"
-    first = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+    first = tokenize_to_cache(resolve_text_source([str(jsonl)]), tokenizer, cache, show_progress=False)
 
     def fail(*args, **kwargs):
         raise AssertionError("the dataset was read again although its tokens are cached")
 
     with monkeypatch.context() as patch:
         patch.setattr(data_module, "load_documents", fail)
-        again = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+        again = tokenize_to_cache(resolve_text_source([str(jsonl)]), tokenizer, cache, show_progress=False)
     assert again == first
 
-    other_tokenizer = tokenize_to_cache(resolve_source([str(jsonl)]), AutoTokenizer.from_pretrained(bpe_tokenizer_dir),
+    other_tokenizer = tokenize_to_cache(resolve_text_source([str(jsonl)]), AutoTokenizer.from_pretrained(bpe_tokenizer_dir),
                                         cache, show_progress=False)
     assert other_tokenizer.key != first.key
     jsonl.write_text(json.dumps({"text": "changed"}) + "\n")
-    changed = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+    changed = tokenize_to_cache(resolve_text_source([str(jsonl)]), tokenizer, cache, show_progress=False)
     assert changed.key != first.key
     assert changed.tokens().tolist() == expected_tokens(tokenizer, ["changed"])
 
@@ -139,22 +139,22 @@ def test_token_dtype_fits_the_vocabulary():
 
 def test_bad_sources_fail_early_with_their_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="data file .*missing.txt does not exist"):
-        resolve_source([str(tmp_path / "missing.txt")])
+        resolve_text_source([str(tmp_path / "missing.txt")])
     with pytest.raises(FileNotFoundError, match="matches no files"):
-        resolve_source([str(tmp_path / "*.jsonl")])
+        resolve_text_source([str(tmp_path / "*.jsonl")])
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="empty.txt is empty"):
-        resolve_source([str(tmp_path / "empty.txt")])
+        resolve_text_source([str(tmp_path / "empty.txt")])
     (tmp_path / "a.csv").write_text("x\n")
     with pytest.raises(ValueError, match=r"unsupported data file type \['.csv'\]"):
-        resolve_source([str(tmp_path / "a.csv")])
+        resolve_text_source([str(tmp_path / "a.csv")])
     (tmp_path / "a.txt").write_text("x")
     (tmp_path / "b.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="must share one format"):
-        resolve_source([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
-    assert resolve_source(["roneneldan/TinyStories"], split="validation").kind == "hub"
+        resolve_text_source([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+    assert resolve_text_source(["roneneldan/TinyStories"], split="validation").kind == "hub"
     (tmp_path / "empty.txt").unlink()
-    assert resolve_source([str(tmp_path / "*.txt")]).locations == (str(tmp_path / "a.txt"),)
+    assert resolve_text_source([str(tmp_path / "*.txt")]).locations == (str(tmp_path / "a.txt"),)
 
 
 def test_missing_column_and_empty_dataset_are_named(tmp_path):
@@ -162,10 +162,10 @@ def test_missing_column_and_empty_dataset_are_named(tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"content": "hello", "id": 1}) + "\n")
     with pytest.raises(ValueError, match="text column 'text' not found .* its columns are: content, id"):
-        tokenize_to_cache(resolve_source([str(data)]), tokenizer, tmp_path / "c", show_progress=False)
+        tokenize_to_cache(resolve_text_source([str(data)]), tokenizer, tmp_path / "c", show_progress=False)
     data.write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(ValueError, match="has no text in column 'text' \\(empty dataset\\)"):
-        tokenize_to_cache(resolve_source([str(data)]), tokenizer, tmp_path / "c", show_progress=False)
+        tokenize_to_cache(resolve_text_source([str(data)]), tokenizer, tmp_path / "c", show_progress=False)
     assert not [p for p in (tmp_path / "c").iterdir() if p.suffix == ".bin"]  # nothing half-written is left
 
 
@@ -174,7 +174,7 @@ def test_a_dataset_folder_is_read_with_datasets(tmp_path):
     folder.mkdir()
     (folder / "part-0.jsonl").write_text(json.dumps({"text": "from a folder"}) + "\n")
     tokenizer = byte_level_tokenizer()
-    source = resolve_source([str(folder)])
+    source = resolve_text_source([str(folder)])
     assert source.kind == "folder"
     token_file = tokenize_to_cache(source, tokenizer, tmp_path / "c", show_progress=False)
     assert token_file.tokens().tolist() == expected_tokens(tokenizer, ["from a folder"])
@@ -270,7 +270,7 @@ def test_a_file_that_is_not_utf8_is_named(name, content, streaming, tmp_path):
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=rf"data file {bad} is not UTF-8 text \(a binary file, or text in another "
                                          r"encoding such as Latin-1\)"):
-        tokenize_to_cache(resolve_source([str(good), str(bad)]), byte_level_tokenizer(), tmp_path / "cache",
+        tokenize_to_cache(resolve_text_source([str(good), str(bad)]), byte_level_tokenizer(), tmp_path / "cache",
                           streaming=streaming, show_progress=False)
 
 
@@ -280,13 +280,13 @@ def test_a_jsonl_line_without_the_text_column_is_named_not_skipped(tmp_path, str
     good, bad = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     good.write_text(json.dumps({"text": "fine"}) + "\n")
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"title": "no text"}) + "\n")
-    source = resolve_source([str(good), str(bad)])
+    source = resolve_text_source([str(good), str(bad)])
     with pytest.raises(ValueError, match=rf"text column 'text' not found in data file {bad} line 2; its columns are: "
                                          r"title \(choose one with --text-column\)"):
         tokenize_to_cache(source, byte_level_tokenizer(), tmp_path / "cache", streaming=streaming, show_progress=False)
     # Blank lines are no records, as datasets reads them.
     bad.write_text(json.dumps({"text": "fine"}) + "\n\n  \n" + json.dumps({"text": "too"}) + "\n")
-    token_file = tokenize_to_cache(resolve_source([str(good), str(bad)]), byte_level_tokenizer(), tmp_path / "cache",
+    token_file = tokenize_to_cache(resolve_text_source([str(good), str(bad)]), byte_level_tokenizer(), tmp_path / "cache",
                                    streaming=streaming, show_progress=False)
     assert token_file.num_documents == 3
 
@@ -294,12 +294,12 @@ def test_a_jsonl_line_without_the_text_column_is_named_not_skipped(tmp_path, str
 @pytest.mark.parametrize("metadata", ["not json at all", "[1, 2]", json.dumps({"num_tokens": 3})])
 def test_damaged_cache_metadata_is_named(metadata, jsonl, tmp_path):
     tokenizer, cache = byte_level_tokenizer(), tmp_path / "cache"
-    token_file = tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+    token_file = tokenize_to_cache(resolve_text_source([str(jsonl)]), tokenizer, cache, show_progress=False)
     meta = cache / f"{token_file.key}.json"
     meta.write_text(metadata)
     with pytest.raises(ValueError, match=rf"the token cache entry {meta} is damaged \(.+\): delete it and "
                                          rf"{token_file.key}.bin to tokenize again"):
-        tokenize_to_cache(resolve_source([str(jsonl)]), tokenizer, cache, show_progress=False)
+        tokenize_to_cache(resolve_text_source([str(jsonl)]), tokenizer, cache, show_progress=False)
 
 
 def other_eos(tokenizer):
@@ -319,7 +319,7 @@ def other_merges(tokenizer):
 
 @pytest.mark.parametrize("change", [other_eos, other_merges])
 def test_a_cache_entry_of_another_tokenizer_is_not_used(change, bpe_tokenizer_dir, shakespeare, tmp_path):
-    source, cache = resolve_source([str(shakespeare)]), tmp_path / "cache"
+    source, cache = resolve_text_source([str(shakespeare)]), tmp_path / "cache"
     tokenize_to_cache(source, AutoTokenizer.from_pretrained(bpe_tokenizer_dir), cache, show_progress=False)
     other = change(AutoTokenizer.from_pretrained(bpe_tokenizer_dir))
     assert len(other) == 512

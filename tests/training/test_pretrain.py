@@ -14,11 +14,11 @@ from checkpoint_helpers import rewrite_weights
 from glade.checkpoints import load_model_and_tokenizer
 from glade.cli import main as glade_main
 from glade.hardware import cpu_name
-from glade.kernel_choice import UNCOMPILED, KernelChoice
+from glade.training.kernel_choice import UNCOMPILED, KernelChoice
 from glade.kernels_glade import BLOCK_ATTENTION
 from glade.manifest import MANIFEST, ManifestError
 from glade.tiny import byte_level_tokenizer, tiny_model
-from glade.training.data import eval_batches, resolve_source, split_train_val, tokenize_to_cache
+from glade.training.data import eval_batches, resolve_text_source, split_train_val, tokenize_to_cache
 from glade.cli import build_parser
 from glade.training.pretrain import PretrainConfig, TrainingDiverged, forward_backward, pretrain
 from glade.training.tokenizer import token_byte_lengths
@@ -64,7 +64,7 @@ def test_pretraining_learns_and_exports_a_pipeline_ready_model(
     assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
 
     # The same validation blocks, scored independently by the exported fp32 model.
-    token_file = tokenize_to_cache(resolve_source([str(shakespeare)]), tokenizer, options["cache_dir"], show_progress=False)
+    token_file = tokenize_to_cache(resolve_text_source([str(shakespeare)]), tokenizer, options["cache_dir"], show_progress=False)
     _, val = split_train_val(token_file, 64, 0.1)
     blocks = torch.stack([val[i]["tokens"] for batch in eval_batches(len(val), 16, 1, 0, 8) for i in batch])
     model = AutoModelForCausalLM.from_pretrained(final)
@@ -240,9 +240,9 @@ def test_gradient_checkpointing_gives_the_same_training_and_val_data_is_used(
     assert [r["step"] for r in runs[False] if "val_loss" in r] == [3]
     # Validation comes from the --val-data file, so none of --data is held out.
     tokenizer = AutoTokenizer.from_pretrained(base_options["tokenizer"])
-    train_tokens = tokenize_to_cache(resolve_source([str(shakespeare)]), tokenizer, base_options["cache_dir"],
+    train_tokens = tokenize_to_cache(resolve_text_source([str(shakespeare)]), tokenizer, base_options["cache_dir"],
                                      show_progress=False)
-    val_tokens = tokenize_to_cache(resolve_source([str(val_data)]), tokenizer, base_options["cache_dir"],
+    val_tokens = tokenize_to_cache(resolve_text_source([str(val_data)]), tokenizer, base_options["cache_dir"],
                                    show_progress=False)
     assert val_tokens.num_documents == 40
     assert (f"data: {(train_tokens.num_tokens - 1) // 32} training blocks of 32 tokens, "

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_glade import GladeConfig
-from .kernels_glade import BLOCK_ATTENTION
-from .modeling_glade import GladeBlock, GladeRotaryEmbedding
+from glade.configuration_glade import GladeConfig
+from glade.kernels_glade import BLOCK_ATTENTION
+from glade.modeling_glade import GladeBlock, GladeRotaryEmbedding
 
 CANDIDATES = ("sdpa", BLOCK_ATTENTION)
 # Not compiling at all: the block as eager PyTorch runs it, with sdpa.
