@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel, pipeline
 
-from glade.checkpoints import default_model, load_model_and_tokenizer
+from glade.loading import default_model, load_model_and_tokenizer
 from glade.hardware import cpu_name
 
 from timing import best_seconds, cpu_flags

@@ -1,11 +1,13 @@
 """Weights into Glade and back: Hugging Face GPT-2 and nanoGPT checkpoints in; stock GPT-2, GPT-NeoX, Llama or Qwen3
-out (`stock.py` picks the class from the config), with parity reports; ONNX out (`onnx.py`).
+out, as transformers folders (`stock.py`) or GGUF files (`gguf.py`), with parity reports; ONNX out (`onnx.py`). Which
+stock family a config is written as, and how, is one table: `families.py`.
 
 The conversions themselves are pure functions over state dicts (`state_dict.py`); the rest reads and writes
 checkpoint folders, always into a temporary folder that is renamed into place only when everything succeeded.
 """
 
-from .checkpoint import Conversion, resolve_source
+from .saving import Conversion, resolve_model_folder
+from .families import FAMILIES, ExportFamily, family_for
 from .gpt2 import (
     convert_gpt2,
     export_gpt2,
@@ -21,13 +23,16 @@ from .state_dict import glade_to_gpt2, glade_to_gpt_neox, glade_to_llama, gpt2_t
 from .stock import export_stock, load_glade_as_stock, stock_config_from_glade
 
 __all__ = [
+    "FAMILIES",
     "Conversion",
+    "ExportFamily",
     "ParityReport",
     "compare_models",
     "convert_gpt2",
     "convert_nanogpt",
     "export_gpt2",
     "export_stock",
+    "family_for",
     "glade_config_from_gpt2",
     "glade_config_from_nanogpt",
     "glade_to_gpt2",
@@ -42,7 +47,7 @@ __all__ = [
     "load_state_dict_files",
     "nanogpt_to_glade",
     "parity_batch",
-    "resolve_source",
+    "resolve_model_folder",
     "stock_config_from_glade",
     "write_parity_report",
 ]

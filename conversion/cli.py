@@ -3,7 +3,7 @@ GPT-2, the stock transformers class the config picks, llama.cpp's GGUF, ONNX).""
 
 import argparse
 
-from .checkpoint import Conversion
+from .saving import Conversion
 from .gpt2 import convert_gpt2, export_gpt2
 from .nanogpt import convert_nanogpt
 from .stock import export_stock

@@ -5,16 +5,14 @@ The file is written with `gguf`, the library llama.cpp publishes, and follows ll
 in f32, a tied head left out (llama.cpp then reads the token embedding as the output matrix), and the byte-level BPE
 vocabulary stored as llama.cpp's "gpt2" tokenizer.
 
-An architecture is one `GGUFArchitecture` entry: which Glade configs llama.cpp's graph for it computes, its
-hyperparameters, and Glade's tensors under the Hugging Face names gguf maps. Learned positions are written as
-llama.cpp's `gpt2`; rotary positions with RMSNorm and SwiGLU as its `llama` (`qwen3` with QK-norm), with LayerNorm
-as its `gptneox`.
+Which llama.cpp architecture a config is written as, what its graph computes, its hyperparameters and Glade's tensors
+under the Hugging Face names gguf maps come from the config's export family (families.py): learned positions are
+written as llama.cpp's `gpt2`; rotary positions with RMSNorm and SwiGLU as its `llama` (`qwen3` with QK-norm), with
+LayerNorm as its `gptneox`.
 """
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -24,13 +22,13 @@ from transformers import AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
 from glade import GladeConfig
 from glade.atomic import atomic_file
-from glade.checkpoints import CONFIG_NAME, read_config_file, read_json
+from glade.loading import CONFIG_NAME, read_config_file, read_json
 
-from .checkpoint import resolve_source
-from .gpt2 import gpt2_config_from_glade, load_gpt2_as_glade
+from .saving import resolve_model_folder
+from .families import GGUFArchitecture, family_for
+from .gpt2 import load_gpt2_as_glade
 from .io import load_state_dict_files
-from .state_dict import HEAD_KEY, StateDict, check_glade_state_dict, complete_head, glade_to_gpt_neox, glade_to_llama
-from .stock import gpt_neox_config_from_glade, llama_config_from_glade, qwen3_config_from_glade
+from .state_dict import StateDict, check_glade_state_dict, complete_head
 
 logger = logging.getLogger(__name__)
 
@@ -45,155 +43,25 @@ F32_TENSORS = (gguf.MODEL_TENSOR.POS_EMBD,)
 # What llama.cpp's "gpt-2" pre-tokenizer reproduces: GPT-2's regex split, then bytes mapped to printable characters.
 GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json")
+# llama.cpp's architectures by the names the export families give them.
+MODEL_ARCHES = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
-@dataclass(frozen=True)
-class GGUFArchitecture:
-    """A llama.cpp architecture, seen from a Glade checkpoint."""
-
-    arch: gguf.MODEL_ARCH
-    # Raises a ValueError naming what llama.cpp's graph for `arch` does not compute.
-    check: Callable[[GladeConfig], None]
-    # Writes the `{arch}.*` hyperparameters llama.cpp reads.
-    add_hparams: Callable[[gguf.GGUFWriter, GladeConfig], None]
-    # Glade's tensors under the Hugging Face names gguf's tensor map knows for `arch`, in nn.Linear's [out, in]
-    # layout (which is ggml's), without tensors llama.cpp derives.
-    tensors: Callable[[StateDict, GladeConfig], StateDict]
-
-
-def add_shared_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
-    """The `{arch}.*` shape every llama.cpp architecture reads."""
-    writer.add_context_length(config.n_positions)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(config.n_inner)
-    writer.add_block_count(config.n_layer)
-    writer.add_head_count(config.n_head)
-
-
-def check_expressed(config: GladeConfig, arch: str, stock_config_from_glade: Callable[[GladeConfig], object]) -> None:
-    """A ValueError naming what llama.cpp's `arch` graph does not compute, from the stock class it mirrors."""
-    try:
-        stock_config_from_glade(config)
-    except ValueError as error:
-        raise ValueError(f"GGUF export writes llama.cpp's {arch} architecture: {error}") from error
-
-
-def require_tanh_gelu(config: GladeConfig, arch: str) -> None:
-    # llama.cpp's gpt2 and gptneox graphs hard-code the tanh-approximated GELU, whatever the stock class allows.
-    if config.activation_function != "gelu_new":
-        raise ValueError(
-            f"Glade config has activation_function={config.activation_function!r}, but llama.cpp's {arch} "
-            "architecture computes the tanh-approximated GELU (activation_function='gelu_new')"
-        )
-
-
-def check_gpt2(config: GladeConfig) -> None:
-    check_expressed(config, "gpt2", gpt2_config_from_glade)
-    require_tanh_gelu(config, "gpt2")
-
-
-def add_gpt2_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
-    add_shared_hparams(writer, config)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-
-
-def gpt2_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
-    # Glade keeps GPT-2's names, which gguf maps; without an `output` tensor llama.cpp reuses token_embd.
-    return {key: tensor for key, tensor in state_dict.items() if not (key == HEAD_KEY and config.tie_word_embeddings)}
-
-
-GPT2 = GGUFArchitecture(gguf.MODEL_ARCH.GPT2, check_gpt2, add_gpt2_hparams, gpt2_tensors)
-
-
-def check_llama(config: GladeConfig) -> None:
-    check_expressed(config, "llama", llama_config_from_glade)
-
-
-def add_llama_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
-    add_shared_hparams(writer, config)
-    writer.add_head_count_kv(config.n_kv_head)
-    # Readers of Qwen3 files take the head width from the key/value lengths, with a default that is not ours.
-    writer.add_key_length(config.n_embd // config.n_head)
-    writer.add_value_length(config.n_embd // config.n_head)
-    writer.add_rope_dimension_count(config.n_embd // config.n_head)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.layer_norm_epsilon)
-    writer.add_vocab_size(config.vocab_size)
-
-
-def interleave_rotary_pairs(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a q or k projection reordered from transformers' rotary layout (each head's first half pairs with
-    its second half) to the one llama.cpp's llama graph rotates (neighbouring rows pair), as its converter does."""
-    return tensor.unflatten(0, (heads, 2, -1)).transpose(1, 2).reshape(tensor.shape)
-
-
-def llama_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
-    # A tied head is left out (llama.cpp then reads token_embd as the output matrix), as in transformers' Llama.
-    tensors = glade_to_llama(state_dict, config)
-    for key, tensor in tensors.items():
-        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key:
-            heads = config.n_head if ".q_proj." in key else config.n_kv_head
-            tensors[key] = interleave_rotary_pairs(tensor, heads)
-    return tensors
-
-
-LLAMA = GGUFArchitecture(gguf.MODEL_ARCH.LLAMA, check_llama, add_llama_hparams, llama_tensors)
-
-
-def check_qwen3(config: GladeConfig) -> None:
-    check_expressed(config, "qwen3", qwen3_config_from_glade)
-
-
-# llama.cpp's qwen3 rotates each head's two halves, as transformers does: its tensors are Qwen3's, in their order.
-QWEN3 = GGUFArchitecture(gguf.MODEL_ARCH.QWEN3, check_qwen3, add_llama_hparams, glade_to_llama)
-
-
-def check_gpt_neox(config: GladeConfig) -> None:
-    check_expressed(config, "gptneox", gpt_neox_config_from_glade)
-    require_tanh_gelu(config, "gptneox")
-
-
-def add_gpt_neox_hparams(writer: gguf.GGUFWriter, config: GladeConfig) -> None:
-    add_shared_hparams(writer, config)
-    writer.add_rope_dimension_count(config.n_embd // config.n_head)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_parallel_residual(False)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-
-
-def gpt_neox_tensors(state_dict: StateDict, config: GladeConfig) -> StateDict:
-    tensors = glade_to_gpt_neox(state_dict, config)
-    # Unlike its gpt2 and llama graphs, llama.cpp's gptneox requires an output matrix: a tied head is written out.
-    tensors.setdefault("embed_out.weight", tensors["gpt_neox.embed_in.weight"])
-    for key, tensor in tensors.items():
-        if ".attention.query_key_value." in key:
-            # llama.cpp's gptneox reads q|k|v stacked, as Glade keeps them, not grouped by head as GPT-NeoX does.
-            tensors[key] = tensor.unflatten(0, (config.n_head, 3, -1)).transpose(0, 1).reshape(tensor.shape)
-    return tensors
-
-
-GPT_NEOX = GGUFArchitecture(gguf.MODEL_ARCH.GPTNEOX, check_gpt_neox, add_gpt_neox_hparams, gpt_neox_tensors)
-
-
-def architecture_for(config: GladeConfig) -> GGUFArchitecture:
-    """llama.cpp's architecture for `config`: gpt2 for learned positions; for rotary ones, gptneox with LayerNorm,
-    llama with RMSNorm, qwen3 with RMSNorm and QK-norm."""
-    if config.positions == "learned":
-        return GPT2
-    if config.norm == "rmsnorm":
-        return QWEN3 if config.qk_norm else LLAMA
-    return GPT_NEOX
+def gguf_architecture_for(config: GladeConfig) -> GGUFArchitecture:
+    """llama.cpp's architecture for `config`'s export family, or a ValueError naming what its graph does not
+    compute."""
+    family = family_for(config)
+    family.check_gguf(config)
+    return family.gguf
 
 
 def load_checkpoint(directory: Path) -> tuple[GGUFArchitecture, GladeConfig, StateDict]:
     """The llama.cpp architecture, config and complete state dict of a Glade or GPT-2 checkpoint folder."""
     if read_json(directory / CONFIG_NAME).get("model_type") == GPT2Config.model_type:
         model = load_gpt2_as_glade(directory)
-        GPT2.check(model.config)
-        return GPT2, model.config, model.state_dict()
+        return gguf_architecture_for(model.config), model.config, model.state_dict()
     config = read_config_file(directory / CONFIG_NAME)
-    architecture = architecture_for(config)
-    architecture.check(config)  # before any weight is read
+    architecture = gguf_architecture_for(config)  # before any weight is read
     state_dict = complete_head(load_state_dict_files(directory), config)
     check_glade_state_dict(state_dict, config)
     return architecture, config, state_dict
@@ -281,14 +149,11 @@ def tensor_data(
     return data, gguf.GGMLQuantizationType.F32
 
 
-def add_tensors(
-    writer: gguf.GGUFWriter, architecture: GGUFArchitecture, tensors: StateDict, n_layer: int, dtype: str
-) -> None:
-    names = gguf.get_tensor_name_map(architecture.arch, n_layer)
+def add_tensors(writer: gguf.GGUFWriter, arch: str, tensors: StateDict, n_layer: int, dtype: str) -> None:
+    names = gguf.get_tensor_name_map(MODEL_ARCHES[arch], n_layer)
     for key, tensor in tensors.items():
         found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
         if found is None:
-            arch = gguf.MODEL_ARCH_NAMES[architecture.arch]
             raise ValueError(f"{key} has no name in llama.cpp's {arch} architecture")
         kind, name = found
         keep_f32 = tensor.dim() <= 1 or kind in F32_TENSORS
@@ -311,20 +176,20 @@ def export_gguf(
         raise IsADirectoryError(f"Destination {destination} is a directory; give the path of the .gguf file")
     if destination.exists() and not overwrite:
         raise FileExistsError(f"Destination {destination} exists; pass --overwrite (overwrite=True) to replace it")
-    directory = resolve_source(source)
+    directory = resolve_model_folder(source)
     if not any((directory / name).is_file() for name in VOCABULARY_FILES):
         raise FileNotFoundError(
             f"{source} has no tokenizer ({' or '.join(VOCABULARY_FILES)}); a GGUF file carries its vocabulary"
         )
     architecture, config, state_dict = load_checkpoint(directory)
     # Every check runs while the writer gathers metadata and tensors in memory; the file is only opened to write.
-    writer = gguf.GGUFWriter(None, arch=gguf.MODEL_ARCH_NAMES[architecture.arch])
+    writer = gguf.GGUFWriter(None, arch=architecture.arch)
     writer.add_name(Path(str(source)).name)
     writer.add_file_type(DTYPES[dtype][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     architecture.add_hparams(writer, config)
     add_vocabulary(writer, AutoTokenizer.from_pretrained(directory), config.vocab_size, str(source))
-    add_tensors(writer, architecture, architecture.tensors(state_dict, config), config.n_layer, dtype)
+    add_tensors(writer, architecture.arch, architecture.tensors(state_dict, config), config.n_layer, dtype)
     with atomic_file(destination) as temporary:
         try:
             writer.write_header_to_file(temporary)

@@ -6,11 +6,13 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from glade import GladeConfig, GladeForCausalLM
-from glade.checkpoints import CONFIG_NAME, read_config_file, read_json, require_model_type
+from glade.loading import CONFIG_NAME, read_json, require_model_type
 
-from .checkpoint import Conversion, export_glade, resolve_source, save_conversion, with_generation_config
+from .saving import Conversion, export_glade, resolve_model_folder, save_conversion, with_generation_config
+from .families import FAMILIES, GPT2_SHARED_FIELDS
 from .io import load_state_dict_files
-from .state_dict import glade_to_gpt2, gpt2_to_glade, model_from_state_dict
+from .state_dict import gpt2_to_glade, model_from_state_dict
+from .stock import load_glade_as
 
 # GPT-2 activation names -> Glade's. gelu_pytorch_tanh is the same tanh approximation as gelu_new.
 GPT2_TO_GLADE_ACTIVATION = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
@@ -21,24 +23,6 @@ UNSUPPORTED_GPT2_FLAGS = {
     "add_cross_attention": False,
     "scale_attn_weights": True,
 }
-# Fields with the same name and meaning in both configs.
-SHARED_FIELDS = (
-    "vocab_size",
-    "n_positions",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_inner",
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "layer_norm_epsilon",
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "tie_word_embeddings",
-)
 
 
 def glade_config_from_gpt2(config: GPT2Config) -> GladeConfig:
@@ -56,38 +40,15 @@ def glade_config_from_gpt2(config: GPT2Config) -> GladeConfig:
             f"{', '.join(GPT2_TO_GLADE_ACTIVATION)}"
         )
     return GladeConfig(
-        **{name: getattr(config, name) for name in SHARED_FIELDS},
+        **{name: getattr(config, name) for name in GPT2_SHARED_FIELDS},
         activation_function=GPT2_TO_GLADE_ACTIVATION[config.activation_function],
         bias=True,
     )
 
 
-# GladeConfig's modern options, at the values that leave a model GPT-2 (n_kv_head: checked against n_head below).
-GPT2_ONLY = {"positions": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": None}
-
-
 def gpt2_config_from_glade(config: GladeConfig) -> GPT2Config:
     """The stock GPT-2 config computing what `config` computes, or a ValueError naming what GPT-2 cannot express."""
-    if not config.bias:
-        raise ValueError(
-            "Glade config has bias=False, which GPT-2 cannot express: its Conv1D projections and LayerNorms "
-            "always carry biases"
-        )
-    modern = {name: getattr(config, name) for name, default in GPT2_ONLY.items() if getattr(config, name) != default}
-    if config.n_kv_head != config.n_head:
-        modern["n_kv_head"] = config.n_kv_head
-    if config.activation_function not in GPT2_TO_GLADE_ACTIVATION.values():
-        modern["activation_function"] = config.activation_function
-    if modern:
-        options = ", ".join(f"{name}={value!r}" for name, value in modern.items())
-        raise ValueError(f"Glade config uses {options}, which GPT-2 cannot express")
-    return GPT2Config(
-        **{name: getattr(config, name) for name in SHARED_FIELDS},
-        activation_function=config.activation_function,
-        architectures=["GPT2LMHeadModel"],
-        # GPT-2's original name for n_positions: transformers 5 no longer writes it, llama.cpp's converter reads it.
-        n_ctx=config.n_positions,
-    )
+    return FAMILIES["gpt2"].stock_config(config)
 
 
 def read_gpt2_config(directory: Path) -> GPT2Config:
@@ -110,10 +71,7 @@ def load_gpt2_as_glade(directory: Path) -> GladeForCausalLM:
 
 def load_glade_as_gpt2(directory: Path) -> GPT2LMHeadModel:
     """A Glade checkpoint folder as an in-memory stock GPT-2 model."""
-    config = read_config_file(Path(directory) / CONFIG_NAME)
-    state_dict = glade_to_gpt2(load_state_dict_files(directory), config)
-    model = model_from_state_dict(GPT2LMHeadModel, gpt2_config_from_glade(config), state_dict)
-    return with_generation_config(model, directory)
+    return load_glade_as(directory, FAMILIES["gpt2"])
 
 
 def convert_gpt2(
@@ -122,9 +80,9 @@ def convert_gpt2(
     """Convert a GPT-2 checkpoint (local folder or hub id) into a Glade checkpoint folder.
 
     With `check`, the parity report against the source (loaded by transformers' own `GPT2LMHeadModel`) is
-    written beside the weights as parity_report.json and as a README.md section.
+    written beside the weights as parity_report.json and as a section of the model card (README.md).
     """
-    directory = resolve_source(source)
+    directory = resolve_model_folder(source)
     model = load_gpt2_as_glade(directory)
     return save_conversion(
         model,
@@ -132,7 +90,8 @@ def convert_gpt2(
         overwrite=overwrite,
         tokenizer_dir=directory,
         reference=(lambda: GPT2LMHeadModel.from_pretrained(directory)) if check else None,
-        reference_name=str(source),
+        source_name=str(source),
+        source_dir=directory,
     )
 
 

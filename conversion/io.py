@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from glade.checkpoints import check_finite, read_json
+from glade.loading import check_finite, read_json
 
 # In order of preference: a folder holding both formats is read from safetensors.
 WEIGHT_FILES = (

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from glade import GladeConfig, GladeForCausalLM
 
-from .checkpoint import Conversion, save_conversion
+from .saving import Conversion, save_conversion
 from .io import load_torch_file
 from .state_dict import StateDict, model_from_state_dict, nanogpt_to_glade
 
@@ -95,4 +95,6 @@ def convert_nanogpt(
             raise FileNotFoundError(f"Tokenizer directory {tokenizer_dir} not found")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = load_nanogpt_as_glade(Path(checkpoint), crop_vocab=crop_vocab, tokenizer=tokenizer)
-    return save_conversion(model, Path(destination), overwrite=overwrite, tokenizer_dir=tokenizer_dir)
+    return save_conversion(
+        model, Path(destination), overwrite=overwrite, tokenizer_dir=tokenizer_dir, source_name=str(checkpoint)
+    )

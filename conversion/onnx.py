@@ -19,9 +19,9 @@ from torch import nn
 
 from glade import GladeForCausalLM
 from glade.atomic import atomic_directory
-from glade.checkpoints import load_causal_lm, read_glade_config
+from glade.loading import load_causal_lm, read_glade_config
 
-from .checkpoint import resolve_source
+from .saving import resolve_model_folder
 from .io import copy_tokenizer_files
 
 ONNX_FILE = "model.onnx"
@@ -64,7 +64,7 @@ def export_onnx(source: str | Path, destination: str | Path, *, overwrite: bool 
     The checkpoint loads strictly (a missing, unexpected or non-finite tensor is a ValueError naming it), before the
     exporter's modules are looked for: what is wrong with it is reported wherever the command runs.
     """
-    directory = resolve_source(source)
+    directory = resolve_model_folder(source)
     # The strict loader takes any causal LM; another model type is refused by name, not exported.
     config = read_glade_config(str(directory))
     # Eager attention: an explicit additive mask, which every ONNX opset expresses.

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 REPORT_FILE = "parity_report.json"
-MODEL_CARD_FILE = "README.md"
 SAMPLE_TEXT = (
     "The river ran high that spring, and the ferryman said he had never seen the water so brown. "
     "In the village, people talked of little else.\n\n"
@@ -186,9 +185,6 @@ def compare_models(
 
 
 def write_parity_report(report: ParityReport, directory: Path) -> None:
-    """Write `parity_report.json` into `directory` and append the report to its model card (README.md)."""
-    directory = Path(directory)
-    (directory / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    card = directory / MODEL_CARD_FILE
-    existing = card.read_text(encoding="utf-8").rstrip() + "\n\n" if card.is_file() else ""
-    card.write_text(existing + report.to_markdown(), encoding="utf-8")
+    """Write `parity_report.json` into `directory`. The model card shows the report as a section (`to_markdown`):
+    `glade.training.model_card.write_model_card(directory, parity_report=report)`."""
+    (Path(directory) / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Pure state-dict conversions between GPT-2 / nanoGPT layouts and Glade's, and from Glade to Llama, Qwen3 and GPT-NeoX.
+"""Pure state-dict conversions between GPT-2 / nanoGPT layouts and Glade's, and from Glade to Llama, Qwen3 and GPT-NeoX
+(as transformers and as llama.cpp lay them out): the tensor maps of the export families (families.py).
 
 Glade keeps GPT-2's parameter names, and nanoGPT uses the same names too, so the key map is only about prefixes and
 leftovers: checkpoints may lack the `transformer.` prefix (old GPT-2 exports), carry torch.compile's `_orig_mod.`
@@ -7,6 +8,10 @@ GPT-2's `Conv1D`, which stores projection weights as [in, out] where `nn.Linear`
 
 Llama, Qwen3 and GPT-NeoX use `nn.Linear` too, so exporting to them renames modules; only the fused q|k|v projection
 changes layout: Llama and Qwen3 keep three matrices, GPT-NeoX one fused per head.
+
+The GGUF maps name tensors as Hugging Face does (gguf's tensor map turns those names into llama.cpp's), in
+nn.Linear's [out, in] layout, which is ggml's, and reorder rows where llama.cpp's graph reads them differently from
+transformers.
 """
 
 import re
@@ -19,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from glade import GladeConfig, GladeForCausalLM
-from glade.checkpoints import COMPILED_PREFIX, check_tensors
+from glade.loading import COMPILED_PREFIX, check_tensors
 
 StateDict = dict[str, torch.Tensor]
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -189,6 +194,42 @@ def glade_to_gpt_neox(state_dict: StateDict, config: GladeConfig) -> StateDict:
         exportable_glade_state_dict(state_dict, config), GPT_NEOX_NAMES, "gpt_neox.layers", GPT_NEOX_BLOCK_NAMES,
         group_by_head,
     )
+
+
+def glade_to_gguf_gpt2(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict for llama.cpp's gpt2 architecture: Glade keeps GPT-2's names, which gguf maps, and a tied
+    head is left out (llama.cpp then reads token_embd as the output matrix)."""
+    return exportable_glade_state_dict(state_dict, config)
+
+
+def interleave_rotary_pairs(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q or k projection reordered from transformers' rotary layout (each head's first half pairs with
+    its second half) to the one llama.cpp's llama graph rotates (neighbouring rows pair), as its converter does."""
+    return tensor.unflatten(0, (heads, 2, -1)).transpose(1, 2).reshape(tensor.shape)
+
+
+def glade_to_gguf_llama(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict for llama.cpp's llama architecture: Llama's, with q and k rows in llama.cpp's rotary order
+    (a tied head is left out, as in transformers' Llama)."""
+    tensors = glade_to_llama(state_dict, config)
+    for key, tensor in tensors.items():
+        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key:
+            heads = config.n_head if ".q_proj." in key else config.n_kv_head
+            tensors[key] = interleave_rotary_pairs(tensor, heads)
+    return tensors
+
+
+def glade_to_gguf_gpt_neox(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict for llama.cpp's gptneox architecture: GPT-NeoX's names, q|k|v stacked as Glade keeps
+    them, and the output matrix always present."""
+    tensors = glade_to_gpt_neox(state_dict, config)
+    # Unlike its gpt2 and llama graphs, llama.cpp's gptneox requires an output matrix: a tied head is written out.
+    tensors.setdefault("embed_out.weight", tensors["gpt_neox.embed_in.weight"])
+    for key, tensor in tensors.items():
+        if ".attention.query_key_value." in key:
+            # llama.cpp's gptneox reads q|k|v stacked, as Glade keeps them, not grouped by head as GPT-NeoX does.
+            tensors[key] = tensor.unflatten(0, (config.n_head, 3, -1)).transpose(0, 1).reshape(tensor.shape)
+    return tensors
 
 
 def _rename_glade_modules(

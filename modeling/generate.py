@@ -10,7 +10,7 @@ import torch
 from transformers import Pipeline, pipeline
 from transformers.generation.streamers import BaseStreamer
 
-from .checkpoints import add_model_argument, default_model, load_model_and_tokenizer
+from .loading import add_model_argument, default_model, load_model_and_tokenizer
 from .hardware import bf16_support, computable_dtype
 
 logger = logging.getLogger(__name__)

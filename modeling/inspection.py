@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizerBase
 
 from .atomic import save_figure
-from .checkpoints import add_model_argument, default_model, load_model_and_tokenizer, read_glade_config
+from .loading import add_model_argument, default_model, load_model_and_tokenizer, read_glade_config
 from .generate import check_temperature, fit_in_context
 from .modeling_glade import GladeForCausalLM
 

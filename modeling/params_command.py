@@ -2,7 +2,7 @@
 
 import argparse
 
-from .checkpoints import add_model_argument, default_model, read_config_file, read_glade_config
+from .loading import add_model_argument, default_model, read_config_file, read_glade_config
 from .configuration_glade import PRESETS, GladeConfig
 from .param_count import count_parameters, format_parameter_table
 

@@ -3,6 +3,10 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_only_the_glade_name_is_installed(tmp_path):
     code = (

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from glade.atomic import write_text_atomically
-from glade.checkpoints import looks_like_local_path
+from glade.loading import looks_like_local_path
 
 # Bump when the token file layout changes, so stale caches are not reused.
 CACHE_FORMAT = 1

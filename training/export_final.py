@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from transformers import GenerationConfig
 
 from glade.atomic import atomic_directory
-from glade.checkpoints import COMPILED_PREFIX
+from glade.loading import COMPILED_PREFIX
 from glade.manifest import write_manifest
 
 from .data import TextSource

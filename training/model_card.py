@@ -1,29 +1,39 @@
-"""Model cards for Glade checkpoints: a README.md whose YAML header drives the Hub and whose body tells people how
-to load, what went into training, and how well it did.
+"""Model cards for the folders Glade writes: a README.md whose YAML header drives the Hub and whose body tells people
+how to load, what went into training, and how well it did.
 
-The card is rendered from the template `model_cards/templates/glade_card.md` (installed as package data of
-`glade.model_cards`), through
-`huggingface_hub.ModelCard`, so the metadata is exactly what `ModelCard.load` parses back.
+Every card Glade writes comes from `write_model_card`: a training run's `final/`, a conversion or export (with its
+parity report as a section), and the card `glade push` writes for a folder that has none. A Glade checkpoint's card
+loads it with `import glade` or remote code; a stock transformers folder's (`glade export gpt2|stock`) with
+transformers alone. The card is rendered from the template `model_cards/templates/glade_card.md` (installed as
+package data of `glade.model_cards`), through `huggingface_hub.ModelCard`, so the metadata is exactly what
+`ModelCard.load` parses back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+import torch
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from glade import GladeConfig
 from glade.atomic import write_bytes_atomically
-from glade.param_count import count_parameters, format_count
+from glade.param_count import format_count
 
 from .metrics import METRICS_FILENAME, read_metrics
 
+logger = logging.getLogger(__name__)
+
 TEMPLATE = files("glade.model_cards") / "templates" / "glade_card.md"
+CARD_NAME = "README.md"
 LOSS_CURVE = "loss_curve.png"
 TAGS = ["glade", "gpt2", "custom_code", "text-generation"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,6 +47,15 @@ EVAL_METRICS = {  # record field -> (model-index metric type, pretty name)
 SampleGeneration = tuple[str, Mapping[str, Any] | str | None, str]  # (prompt, sampling settings, generated text)
 
 
+class MarkdownSection(Protocol):
+    """A report that renders itself as a card section (a conversion's `ParityReport`)."""
+
+    def to_markdown(self) -> str: ...
+
+
+ParityChecks = Mapping[str, Any] | str | Path | MarkdownSection
+
+
 def write_model_card(
     model_dir: str | Path,
     metrics_path: str | Path | None = None,
@@ -47,18 +66,20 @@ def write_model_card(
     license: str = "apache-2.0",
     language: str | Sequence[str] | None = None,
     base_model: str | None = None,
+    converted_from: str | None = None,
     training_args: Mapping[str, Any] | None = None,
     sample_generations: Sequence[SampleGeneration] | None = None,
     loss_curve_png: str | Path | None = None,
-    parity_report: Mapping[str, Any] | str | Path | None = None,
+    parity_report: ParityChecks | None = None,
     details: str | None = None,
     limitations: Sequence[str] = (),
     more_results: Sequence[EvalResult] = (),
 ) -> Path:
-    """Render `model_dir/README.md` for a saved Glade checkpoint and return its path.
+    """Render `model_dir/README.md` for a saved Glade checkpoint, or a stock transformers one exported from Glade,
+    and return its path.
 
     Args:
-        model_dir: a `save_pretrained` directory of a Glade model.
+        model_dir: a `save_pretrained` directory of a Glade model or of a stock transformers causal LM.
         metrics_path: the training log (JSON lines); defaults to `model_dir/metrics.jsonl` when that exists, and
             without a log the card simply has no results. The last record with `val_loss` becomes the model-index.
         model_name: the card's title and model-index name; defaults to the name part of `repo_id`, else the
@@ -66,10 +87,12 @@ def write_model_card(
         repo_id: the Hub id the usage snippets load; defaults to `model_name`.
         dataset_names: Hub dataset ids the model was trained on.
         base_model: Hub id of the checkpoint training continued from, if any.
+        converted_from: the checkpoint (path or Hub id) this folder was converted from, if it was.
         training_args: hyperparameters, shown as a table.
         sample_generations: `(prompt, settings, text)` triples; settings is a dict of sampling options or a string.
         loss_curve_png: a PNG plot, copied into the model directory as `loss_curve.png` and embedded.
-        parity_report: checks against a reference implementation (name -> value), or a JSON file holding them.
+        parity_report: checks against a reference implementation: name -> value (a table), a JSON file holding
+            them, or a report with a `to_markdown()` section (a conversion's parity report).
         details: Markdown about this particular model (data and licenses, tokenizer, hardware, comparisons), placed
             after the overview.
         limitations: model-specific limitations, listed before the generic ones.
@@ -79,8 +102,10 @@ def write_model_card(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: save the model with save_pretrained first")
-    config = GladeConfig.from_pretrained(model_dir)
-    parameters = count_parameters(config).total
+    config = AutoConfig.from_pretrained(model_dir)  # `import glade` registered Glade's, so no remote code runs
+    glade = isinstance(config, GladeConfig)
+    model = _weightless_model(config)
+    parameters = sum(parameter.numel() for parameter in model.parameters())  # tied ones once
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else model_dir.resolve().name)
 
     if metrics_path is None and (model_dir / METRICS_FILENAME).is_file():
@@ -95,7 +120,7 @@ def write_model_card(
         language=language,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=TAGS,
+        tags=TAGS if glade else ["glade", config.model_type, "text-generation"],
         datasets=list(dataset_names) or None,
         base_model=base_model,
         eval_results=[*(_eval_results(evaluation, dataset_names) if evaluation else ()), *more_results] or None,
@@ -106,19 +131,53 @@ def write_model_card(
         model_name=model_name,
         repo_id=repo_id or model_name,
         config=config,
+        glade=glade,
+        architecture=type(model).__name__,
+        converted_from=converted_from,
         parameters=f"{format_count(parameters)} ({parameters:,})",
         train=train,
         evaluation=evaluation,
         hyperparameters=_table_rows(training_args or {}),
         loss_curve=_copy_loss_curve(loss_curve_png, model_dir) if loss_curve_png is not None else None,
-        parity=_table_rows(_load_parity(parity_report)),
+        **_parity_views(parity_report),
         samples=[_sample_view(*sample) for sample in sample_generations or ()],
         details=details,
         limitations=list(limitations),
     )
-    readme = model_dir / "README.md"
+    readme = model_dir / CARD_NAME
     write_bytes_atomically(readme, card.content.encode("utf-8"))
     return readme
+
+
+def inherited_card_fields(source_dir: Path | None) -> dict[str, Any]:
+    """The `write_model_card` arguments a folder converted from `source_dir` keeps of its source: the training log,
+    and the license, languages and datasets the source's card declares. The weights compute the same function, so
+    they still hold."""
+    fields: dict[str, Any] = {}
+    if source_dir is None:
+        return fields
+    if (source_dir / METRICS_FILENAME).is_file():
+        fields["metrics_path"] = source_dir / METRICS_FILENAME
+    if (source_dir / CARD_NAME).is_file():
+        try:
+            metadata = metadata_load(source_dir / CARD_NAME) or {}
+        except yaml.YAMLError as error:  # a broken source card must not stop the conversion
+            logger.warning("%s: ignoring its unreadable YAML header (%s)", source_dir / CARD_NAME, error)
+            metadata = {}
+        fields |= {
+            argument: metadata[key]
+            for argument, key in (("license", "license"), ("language", "language"), ("dataset_names", "datasets"))
+            if metadata.get(key)
+        }
+        if isinstance(fields.get("dataset_names"), str):  # YAML allows one dataset without a list
+            fields["dataset_names"] = [fields["dataset_names"]]
+    return fields
+
+
+def _weightless_model(config: PreTrainedConfig) -> PreTrainedModel:
+    """The causal LM `config` describes, built on the meta device: its class and parameter count, without weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def _eval_results(record: Mapping[str, Any], dataset_names: Sequence[str]) -> list[EvalResult]:
@@ -137,6 +196,13 @@ def _eval_results(record: Mapping[str, Any], dataset_names: Sequence[str]) -> li
         for field, (metric_type, metric_name) in EVAL_METRICS.items()
         if field in record
     ]
+
+
+def _parity_views(report: ParityChecks | None) -> dict[str, Any]:
+    """The template's two renderings of parity checks: a check -> value table, or the report's own section."""
+    if hasattr(report, "to_markdown"):
+        return {"parity": [], "parity_section": report.to_markdown()}
+    return {"parity": _table_rows(_load_parity(report)), "parity_section": None}
 
 
 def _load_parity(report: Mapping[str, Any] | str | Path | None) -> Mapping[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from .checkpoint import list_checkpoints
+from .checkpointing import list_checkpoints
 from .distributed import main_process_decides
 
 logger = logging.getLogger("glade.pretrain")

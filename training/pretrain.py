@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from glade.atomic import check_writable_directory
 from glade.cli import main as glade_main
 
-from .checkpoint import remove_stale_staging, save_checkpoint
+from .checkpointing import remove_stale_staging, save_checkpoint
 from .data import IGNORE_INDEX, StepBatchSampler, TokenBlocks, eval_batches, make_loader, model_inputs
 from .export_final import export_final, push
 from .metrics import MetricsLog

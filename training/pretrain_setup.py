@@ -12,7 +12,7 @@ from accelerate.utils import DistributedType, DynamoBackend, TorchDynamoPlugin, 
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from glade import GladeConfig, GladeForCausalLM, GladePreTrainedModel  # registers glade with the Auto classes
-from glade.checkpoints import check_weights, read_checkpoint_config, read_config_file
+from glade.loading import check_weights, read_checkpoint_config, read_config_file
 from glade.hardware import choose_precision, cpu_name
 
 from . import distributed

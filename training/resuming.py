@@ -12,7 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 from transformers import PreTrainedConfig
 
-from .checkpoint import TRAINER_STATE, CheckpointError, find_checkpoint, read_trainer_state, set_aside_later_saves
+from .checkpointing import TRAINER_STATE, CheckpointError, find_checkpoint, read_trainer_state, set_aside_later_saves
 from .distributed import main_process_decides
 from .output_dir import FINAL_DIR
 from .optim import command_line_hyperparameters, restore_hyperparameters

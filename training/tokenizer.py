@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from glade.atomic import atomic_directory
 from glade.byte_level import BYTE_ALPHABET, END_OF_TEXT, byte_level_bpe, wrap_tokenizer
-from glade.checkpoints import load_tokenizer_files
+from glade.loading import load_tokenizer_files
 
 from .data import iter_texts, load_documents, naming_undecodable_files, resolve_text_source
 

@@ -10,6 +10,8 @@ import pytest
 
 from glade.hardware import native_bf16
 
+pytestmark = pytest.mark.slow
+
 RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 # --bf16 always: both dtypes, the one `glade pretrain` trains in on this CPU first.
 DTYPES = ("bf16", "fp32") if native_bf16("cpu") else ("fp32", "bf16")

@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from glade.hardware import native_bf16
+
+pytestmark = pytest.mark.slow
 
 PROFILES = Path(__file__).resolve().parents[2] / "benchmarks" / "profiles.py"
 

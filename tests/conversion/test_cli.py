@@ -11,6 +11,7 @@ from glade import GladeForCausalLM
 from glade.cli import main
 
 
+@pytest.mark.slow
 def test_convert_gpt2_with_check_then_export(tmp_path, gpt2_dir, capsys):
     assert main(["convert", "gpt2", str(gpt2_dir), str(tmp_path / "glade"), "--check"]) == 0
     out = capsys.readouterr().out
@@ -24,6 +25,7 @@ def test_convert_gpt2_with_check_then_export(tmp_path, gpt2_dir, capsys):
     assert not (tmp_path / "back" / "parity_report.json").exists()
 
 
+@pytest.mark.slow
 def test_convert_nanogpt_with_tokenizer_and_crop(tmp_path, nanogpt, nanogpt_reference, gpt2_tokenizer_dir, capsys):
     path, state_dict, model_args = nanogpt(tmp_path / "ckpt.pt", vocab_size=50304, n_embd=32)
     argv = ["convert", "nanogpt", str(path), str(tmp_path / "glade"), "--tokenizer", str(gpt2_tokenizer_dir),
@@ -51,6 +53,7 @@ def test_errors_exit_with_code_2_and_a_message(tmp_path, gpt2_dir, capsys):
     assert main(["convert", "gpt2", str(gpt2_dir), str(tmp_path / "taken"), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_a_failed_check_exits_with_code_1(tmp_path, gpt2_dir, monkeypatch, capsys):
     # A conversion that is off by a little in one block: the report must fail it and the exit code must say so.
     from glade.conversion import gpt2 as gpt2_module

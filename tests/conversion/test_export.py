@@ -35,6 +35,7 @@ def test_round_trip_is_bitwise(tmp_path, make_gpt2, tied):
     assert config["tie_word_embeddings"] is tied
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_loads_with_plain_transformers(tmp_path, gpt2_dir, gpt2_model):
     convert_gpt2(gpt2_dir, tmp_path / "glade")
     export_gpt2(tmp_path / "glade", tmp_path / "back")
@@ -59,6 +60,7 @@ def test_exported_checkpoint_loads_with_plain_transformers(tmp_path, gpt2_dir, g
     assert set(modes.values()) == {0o644}, modes  # the weights too: readable by everyone, like every other file
 
 
+@pytest.mark.slow
 def test_glade_with_exact_gelu_and_custom_width_exports(tmp_path):
     model = tiny_model(activation_function="gelu", n_inner=96)
     model.save_pretrained(tmp_path / "glade")
@@ -69,6 +71,7 @@ def test_glade_with_exact_gelu_and_custom_width_exports(tmp_path):
     assert conversion.parity.logits_max_abs_diff <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer_files", ["glade", "gpt2"])
 def test_exported_folder_serves_tools_older_than_transformers_5(tmp_path, make_glade, tokenizer_files):
     if tokenizer_files == "glade":  # saved by transformers 5: tokenizer_class is TokenizersBackend
@@ -95,6 +98,7 @@ def test_exported_folder_serves_tools_older_than_transformers_5(tmp_path, make_g
     assert exported.model_max_length == source_tokenizer.model_max_length
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not Path(TRANSFORMERS4_PYTHON).is_file(),
     reason="GLADE_TRANSFORMERS4_PYTHON does not name the python of a transformers 4.57 environment",

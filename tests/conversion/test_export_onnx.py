@@ -30,6 +30,7 @@ def exported(request, tmp_path_factory):
     return model, tmp_path / "onnx"
 
 
+@pytest.mark.slow
 def test_the_folder_holds_graph_config_and_tokenizer(exported):
     import onnx
 
@@ -51,6 +52,7 @@ def test_the_folder_holds_graph_config_and_tokenizer(exported):
     assert (folder / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size,length", [(3, 7), (1, 19)])
 def test_onnxruntime_logits_equal_pytorchs_for_any_batch_and_length(exported, batch_size, length):
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -67,6 +69,7 @@ def test_onnxruntime_logits_equal_pytorchs_for_any_batch_and_length(exported, ba
     np.testing.assert_allclose(logits[real], expected.numpy()[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_longer_sequence_than_n_positions_is_refused_by_a_named_node(exported):
     onnxruntime = pytest.importorskip("onnxruntime")
     model, folder = exported

@@ -31,6 +31,7 @@ MASK = torch.ones_like(IDS)
 MASK[1, :3] = 0  # left padding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_export_computes_what_glade_computes(tmp_path, target):
     class_name, options = TARGETS[target]
@@ -111,6 +112,7 @@ def test_a_gpt2_shaped_config_exports_exactly_as_export_gpt2(tmp_path):
     assert exported.keys() == expected.keys() and all(torch.equal(exported[key], expected[key]) for key in expected)
 
 
+@pytest.mark.slow
 def test_cli_exports_with_a_parity_report_and_names_a_refused_option(tmp_path, capsys):
     saved_random_glade(tmp_path / "glade", **LLAMA)
     assert main(["export", "stock", str(tmp_path / "glade"), str(tmp_path / "llama"), "--check"]) == 0
@@ -125,6 +127,7 @@ def test_cli_exports_with_a_parity_report_and_names_a_refused_option(tmp_path, c
     assert "glade export: error: Glade config uses logit_softcap=30.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,options", [("gpt2", {}), ("stock", ROTARY)])
 def test_check_of_a_checkpoint_that_samples_logs_no_generation_warning(tmp_path, caplog, command, options):
     # The shipped model's settings: greedy parity decoding used to inherit them and have transformers warn.

@@ -52,6 +52,7 @@ def test_other_failures_and_interrupts_pass_through_unchanged_even_on_a_full_dis
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["export", "gpt2"], ["export", "stock"], ["export", "gguf"]])
 def test_export_commands_on_a_full_disk_end_in_one_line(tmp_path, make_glade, monkeypatch, capsys, command):
     source = make_glade()
@@ -93,6 +94,7 @@ def test_staged_files_and_folders_are_flushed_before_the_rename_and_the_rename_a
 KILL_POINTS = ["after a file", "before the rename", "between the two renames", "after the rename"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_process_killed_while_writing_leaves_the_old_folder_or_the_whole_new_one(tmp_path, point):
     target = tmp_path / "model"

@@ -64,6 +64,7 @@ def merges_txt(directory: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#version")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, tied", [("f32", True), ("f16", False), ("q8_0", True), ("q8_0", False)])
 def test_every_tensor_and_the_metadata_round_trip(tmp_path, make_glade, gpt2_tokenizer_dir, dtype, tied):
     source = make_glade(tie_word_embeddings=tied)
@@ -102,6 +103,7 @@ def test_every_tensor_and_the_metadata_round_trip(tmp_path, make_glade, gpt2_tok
     assert metadata["tokenizer.ggml.add_bos_token"] is False and metadata["tokenizer.ggml.add_eos_token"] is False
 
 
+@pytest.mark.slow
 def test_q8_0_writes_rows_that_are_not_whole_blocks_in_f16(tmp_path, make_glade):
     source = make_glade(n_embd=48, n_head=4)  # rows of 48 values: one and a half blocks of 32
     export_gguf(source, tmp_path / "model.gguf", dtype="q8_0")
@@ -114,6 +116,7 @@ def test_q8_0_writes_rows_that_are_not_whole_blocks_in_f16(tmp_path, make_glade)
             assert torch.equal(values, tensor.half().float()), key
 
 
+@pytest.mark.slow
 def test_a_gpt2_checkpoint_and_its_glade_conversion_give_the_same_file(tmp_path, make_glade):
     glade = make_glade(tie_word_embeddings=False)
     gpt2 = tmp_path / "gpt2"
@@ -128,6 +131,7 @@ def test_a_gpt2_checkpoint_and_its_glade_conversion_give_the_same_file(tmp_path,
     assert torch.equal(tensors["blk.0.attn_qkv.weight"][1], qkv.t())
 
 
+@pytest.mark.slow
 def test_transformers_gguf_reader_gets_the_same_model_and_tokenizer(tmp_path, make_glade):
     # An independent reader: transformers builds a GPT2LMHeadModel and a tokenizer from the file alone. It reads the
     # context length into n_ctx and leaves n_positions at GPT-2's 1024, hence a model of that length.
@@ -184,6 +188,7 @@ def test_a_config_llama_cpp_does_not_compute_is_refused_by_name(tmp_path, overri
     assert not (tmp_path / "model.gguf").exists()
 
 
+@pytest.mark.slow
 def test_a_failure_while_writing_leaves_no_file_and_an_old_one_untouched(tmp_path, make_glade, monkeypatch):
     source = make_glade()
     (tmp_path / "model.gguf").write_bytes(b"old")
@@ -203,6 +208,7 @@ def test_a_failure_while_writing_leaves_no_file_and_an_old_one_untouched(tmp_pat
     assert (tmp_path / "model.gguf").read_bytes() == b"old"
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path, make_glade, capsys):
     source = make_glade()
     assert main(["export", "gguf", str(source), str(tmp_path / "model.gguf"), "--dtype", "q8_0"]) == 0
@@ -215,6 +221,7 @@ def test_command_line(tmp_path, make_glade, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch, overrides",
     [
@@ -251,6 +258,7 @@ def test_a_llama_shaped_glade_is_written_as_llama_and_read_back_by_transformers(
         torch.testing.assert_close(model(ids).logits, glade(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_shipped_model_is_written_as_gptneox_with_its_own_tensors(tmp_path):
     # GPT-2 with rotary positions: llama.cpp's gptneox (sequential residual), q|k|v stacked as Glade keeps them.
     export_gguf(SHIPPED, tmp_path / "model.gguf")
@@ -267,6 +275,7 @@ def test_the_shipped_model_is_written_as_gptneox_with_its_own_tensors(tmp_path):
     assert len(tensors) == len(weights) + 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "llama-with-biases", "qwen3", "shipped-gptneox"])
 def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2_tokenizer_dir, architecture):

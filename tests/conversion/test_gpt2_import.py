@@ -37,6 +37,7 @@ def greedy(model, prompt: torch.Tensor, tokens: int) -> list[int]:
     return output[0, prompt.shape[1]:].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_tiny_gpt2_converts_with_fp32_parity(tmp_path, gpt2_dir, gpt2_model, attn_implementation):
     convert_gpt2(gpt2_dir, tmp_path / "glade")
@@ -55,6 +56,7 @@ def gpt2_124m():
     return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_full_124m_shape_converts_with_fp32_parity(gpt2_124m, attn_implementation):
     config = glade_config_from_gpt2(gpt2_124m.config)
@@ -75,6 +77,7 @@ def assert_converts_to(source_dir, destination, reference: GPT2LMHeadModel) -> N
         assert (glade(input_ids).logits - reference(input_ids).logits).abs().max() <= ATOL
 
 
+@pytest.mark.slow
 def test_old_pickled_checkpoint_with_unprefixed_keys_and_mask_buffers(tmp_path, gpt2_model):
     # What GPT-2 checkpoints of the pytorch-transformers era look like: GPT2Model keys, masks saved as buffers,
     # and the tied head written out as a second copy.
@@ -93,6 +96,7 @@ def test_old_pickled_checkpoint_with_unprefixed_keys_and_mask_buffers(tmp_path, 
     assert_converts_to(source, tmp_path / "glade", gpt2_model)
 
 
+@pytest.mark.slow
 def test_sharded_safetensors_with_an_index(tmp_path, gpt2_model):
     source = tmp_path / "sharded"
     gpt2_model.save_pretrained(source, max_shard_size="100KB")
@@ -100,6 +104,7 @@ def test_sharded_safetensors_with_an_index(tmp_path, gpt2_model):
     assert_converts_to(source, tmp_path / "glade", gpt2_model)
 
 
+@pytest.mark.slow
 def test_sharded_pickles_with_an_index(tmp_path, gpt2_model):
     source = tmp_path / "sharded-bin"
     source.mkdir()
@@ -114,6 +119,7 @@ def test_sharded_pickles_with_an_index(tmp_path, gpt2_model):
     assert_converts_to(source, tmp_path / "glade", gpt2_model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh"])
 def test_other_gelu_activations_map_onto_glade(tmp_path, make_gpt2, activation):
     model = make_gpt2(activation_function=activation, n_inner=96)
@@ -163,6 +169,7 @@ TEXT = (
 )
 
 
+@pytest.mark.slow
 def test_tokenizer_files_are_copied_and_encode_identically(tmp_path, make_gpt2, gpt2_tokenizer_dir):
     model = make_gpt2(vocab_size=50257, n_embd=32, n_head=2, bos_token_id=50256, eos_token_id=50256)
     source = tmp_path / "gpt2"

@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from glade import GladeForCausalLM
-from glade.conversion import checkpoint, convert_gpt2
+from glade.conversion import convert_gpt2, saving
 
 
 @pytest.fixture
@@ -27,10 +28,11 @@ def fake_hub(tmp_path, monkeypatch):
                 shutil.copy(path, snapshot / path.name)
         return str(snapshot)
 
-    monkeypatch.setattr(checkpoint, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(saving, "snapshot_download", snapshot_download)
     return repos, calls
 
 
+@pytest.mark.slow
 def test_a_hub_id_downloads_only_safetensors_weights_and_metadata(tmp_path, gpt2_dir, gpt2_model, fake_hub):
     repos, calls = fake_hub
     torch.save(gpt2_model.state_dict(), gpt2_dir / "pytorch_model.bin")
@@ -46,6 +48,17 @@ def test_a_hub_id_downloads_only_safetensors_weights_and_metadata(tmp_path, gpt2
         assert (glade(ids).logits - gpt2_model(ids).logits).abs().max() <= 1e-5
 
 
+def test_the_cards_license_and_datasets_come_from_the_repos_card(tmp_path, gpt2_dir, fake_hub):
+    repos, _ = fake_hub
+    (gpt2_dir / "README.md").write_text("---\nlicense: mit\ndatasets:\n- openwebtext\n---\n# GPT-2\n")
+    repos["openai-community/gpt2"] = gpt2_dir
+    convert_gpt2("openai-community/gpt2", tmp_path / "glade")
+    card = ModelCard.load(tmp_path / "glade" / "README.md")
+    assert (card.data.license, card.data.datasets) == ("mit", ["openwebtext"])
+    assert "It was converted from `openai-community/gpt2`" in card.text
+
+
+@pytest.mark.slow
 def test_a_repo_with_only_pickled_weights_falls_back_to_them(tmp_path, gpt2_dir, gpt2_model, fake_hub):
     repos, calls = fake_hub
     (gpt2_dir / "model.safetensors").unlink()

@@ -7,6 +7,7 @@ from glade import GladeForCausalLM
 from glade.conversion import convert_nanogpt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [True, False])
 def test_nanogpt_checkpoint_matches_the_reference_forward(tmp_path, nanogpt, nanogpt_reference, bias):
     path, state_dict, model_args = nanogpt(tmp_path / "ckpt.pt", bias=bias, vocab_size=256)
@@ -22,6 +23,7 @@ def test_nanogpt_checkpoint_matches_the_reference_forward(tmp_path, nanogpt, nan
     assert (expected - actual).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_padded_vocab_is_cropped_on_request(tmp_path, nanogpt, nanogpt_reference):
     path, state_dict, model_args = nanogpt(tmp_path / "ckpt.pt", vocab_size=256, compiled=False)
     convert_nanogpt(path, tmp_path / "glade", crop_vocab=250)
@@ -42,6 +44,7 @@ def test_cropping_beyond_the_checkpoint_vocab_is_refused(tmp_path, nanogpt):
     assert not (tmp_path / "glade").exists()
 
 
+@pytest.mark.slow
 def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, nanogpt, gpt2_tokenizer_dir):
     path, _, _ = nanogpt(tmp_path / "ckpt.pt", vocab_size=256)
     with pytest.raises(ValueError, match="The tokenizer has 50257 tokens, more than the model's vocab_size=256"):

@@ -1,6 +1,7 @@
 """The parity report: what it measures, where it is written, and that it points at the block that drifts."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -8,14 +9,14 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-import glade.conversion.gpt2 as gpt2_module
 from glade.cli import main
-from glade.conversion import compare_models, convert_gpt2, parity_batch, write_parity_report
+from glade.conversion import FAMILIES, compare_models, convert_gpt2, parity_batch, write_parity_report
 from glade.conversion.cli import PARITY_FAILED_EXIT_CODE
 from glade.conversion.state_dict import glade_to_gpt2
 from glade.tiny import tiny_model
 
 
+@pytest.mark.slow
 def test_identical_models_report_zero_difference():
     model = tiny_model(n_layer=3)
     report = compare_models(model, copy.deepcopy(model), parity_batch(257, 128))
@@ -25,6 +26,7 @@ def test_identical_models_report_zero_difference():
     assert report.greedy_identical and len(report.greedy_source) == 16 and report.passed
 
 
+@pytest.mark.slow
 def test_a_perturbed_block_is_named_and_the_metrics_match_a_direct_computation():
     source = tiny_model(n_layer=3)
     drifted = copy.deepcopy(source)
@@ -52,6 +54,7 @@ def nan_model():
     return model
 
 
+@pytest.mark.slow
 def test_nan_fails_the_check_even_where_both_models_agree():
     source = nan_model()
     report = compare_models(source, copy.deepcopy(source), parity_batch(257, 128))
@@ -62,6 +65,7 @@ def test_nan_fails_the_check_even_where_both_models_agree():
     assert report.format().endswith("\nFAIL")
 
 
+@pytest.mark.slow
 def test_an_export_that_drifts_prints_fail_and_exits_non_zero(tmp_path, capsys, monkeypatch):
     tiny_model().save_pretrained(tmp_path / "glade")
 
@@ -70,7 +74,7 @@ def test_an_export_that_drifts_prints_fail_and_exits_non_zero(tmp_path, capsys, 
         converted["transformer.h.0.mlp.c_fc.weight"] = converted["transformer.h.0.mlp.c_fc.weight"] * 1.5
         return converted
 
-    monkeypatch.setattr(gpt2_module, "glade_to_gpt2", drifting)
+    monkeypatch.setitem(FAMILIES, "gpt2", dataclasses.replace(FAMILIES["gpt2"], stock_tensors=drifting))
     code = main(["export", "gpt2", str(tmp_path / "glade"), str(tmp_path / "gpt2"), "--check"])
     out = capsys.readouterr().out
     assert code == PARITY_FAILED_EXIT_CODE
@@ -86,6 +90,7 @@ def test_an_export_of_nan_weights_is_refused_before_any_check(tmp_path, capsys):
     assert not (tmp_path / "gpt2").exists()
 
 
+@pytest.mark.slow
 def test_check_writes_the_report_beside_the_weights_and_into_the_model_card(tmp_path, gpt2_dir, capsys):
     conversion = convert_gpt2(gpt2_dir, tmp_path / "glade", check=True)
     report = conversion.parity
@@ -100,13 +105,15 @@ def test_check_writes_the_report_beside_the_weights_and_into_the_model_card(tmp_
     assert "## Conversion parity" in card and "- first block that drifts: none" in card and "PASS" in card
 
 
-def test_the_report_is_appended_to_an_existing_model_card(tmp_path):
+def test_writing_the_report_leaves_the_card_to_the_card_writer(tmp_path):
+    # One writer renders every README.md (glade.training.model_card); the report is a section it renders.
     model = tiny_model()
     report = compare_models(model, model, parity_batch(257, 128))
     (tmp_path / "README.md").write_text("# My model\n\nTrained on things.\n")
     write_parity_report(report, tmp_path)
-    card = (tmp_path / "README.md").read_text()
-    assert card.startswith("# My model\n\nTrained on things.\n\n## Conversion parity\n")
+    assert (tmp_path / "README.md").read_text() == "# My model\n\nTrained on things.\n"
+    assert json.loads((tmp_path / "parity_report.json").read_text()) == json.loads(json.dumps(report.to_dict()))
+    assert report.to_markdown().startswith("## Conversion parity\n")
 
 
 def test_parity_batch_uses_the_tokenizer_when_its_ids_fit(tokenizer):

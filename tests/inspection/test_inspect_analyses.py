@@ -52,6 +52,7 @@ def test_next_token_plot_is_a_png(model, tokenizer, tmp_path, assert_png):
     assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == [c.token for c in prediction.candidates]
 
 
+@pytest.mark.slow
 def test_generation_steps_follow_a_plain_greedy_loop(model, tokenizer, tmp_path, assert_png):
     steps = generation_steps(model, tokenizer, "Once upon", max_new_tokens=4, top_k=3)
     assert len(steps) == 4
@@ -94,6 +95,7 @@ def _layer0_attention_by_hand(model, input_ids):
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
+@pytest.mark.slow
 def test_attention_maps_are_the_models_attention(tokenizer, tmp_path, assert_png):
     model = tiny_model(seed=1)  # loaded with sdpa: attention_maps must switch it to eager itself
     text = "a fluffy cat"
@@ -141,6 +143,7 @@ def test_strongest_links_are_the_largest_weights(model, tokenizer):
         assert link.key_token == maps.tokens[link.key_position]
 
 
+@pytest.mark.slow
 def test_logit_lens_reads_every_layer_through_the_final_norm(model, tokenizer, tmp_path, assert_png):
     prompt = "The cat"
     lens = logit_lens(model, tokenizer, prompt)

@@ -37,6 +37,7 @@ def test_next_prints_the_table_and_saves_the_chart(checkpoint_dir, model, tokeni
     assert_png(tmp_path / "pictures" / "next.png")
 
 
+@pytest.mark.slow
 def test_steps_attention_and_lens_from_the_command_line(
     checkpoint_dir, model, tokenizer, tmp_path, capsys, assert_png
 ):

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from architectures import MODERN
-from glade.checkpoints import read_config_file, read_glade_config
+from glade.loading import read_config_file, read_glade_config
 from glade.cli import main
 from glade.configuration_glade import GladeConfig
 from glade.modeling_glade import GladeForCausalLM, GladeModel

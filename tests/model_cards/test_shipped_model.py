@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import glade
-from glade.checkpoints import default_model
+from glade.loading import default_model
 from glade.cli import main
 from glade.training.metrics import read_metrics
 from subprocess_helpers import last_json_line, run_without_glade
@@ -47,6 +47,7 @@ def test_tokenizer_round_trips_text():
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.model_max_length == 256
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_deterministic_english_tokens(model):
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
     ids = tokenizer("It was a dark and stormy night", return_tensors="pt").input_ids
@@ -56,6 +57,7 @@ def test_greedy_generation_is_deterministic_english_tokens(model):
     assert sum(c.isalpha() for c in continuation) > len(continuation) / 2
 
 
+@pytest.mark.slow
 def test_loads_without_glade_through_remote_code(model, tmp_path):
     ids = [[464, 1092, 373, 257, 2042]]
     with torch.no_grad():
@@ -74,6 +76,7 @@ def test_loads_without_glade_through_remote_code(model, tmp_path):
     assert (torch.tensor(last_json_line(stdout)) - expected).abs().max().item() == 0.0
 
 
+@pytest.mark.slow
 def test_remote_code_samples_on_the_fast_route_as_transformers_does(model, tmp_path):
     ids = [[464, 1092, 373, 257, 2042]]
     seed = torch.Generator().manual_seed(0)
@@ -92,6 +95,7 @@ def test_remote_code_samples_on_the_fast_route_as_transformers_does(model, tmp_p
     assert last_json_line(stdout) == {"tokens": expected.tolist(), "models on the fast route": 1}
 
 
+@pytest.mark.slow
 def test_remote_code_takes_a_lora_with_peft_defaults(tmp_path):
     stdout = run_without_glade(
         f"""
@@ -108,6 +112,7 @@ def test_remote_code_takes_a_lora_with_peft_defaults(tmp_path):
     assert last_json_line(stdout) == ["c_attn", "c_fc", "c_proj"]
 
 
+@pytest.mark.slow
 def test_continued_pretraining_starts_from_the_shipped_model(tmp_path):
     # The user's command, in a process of its own: strict loading must hold under the installed transformers' load
     # defaults (5.25 kernelizes every load, and the strictness check builds the model on the meta device).
@@ -139,6 +144,7 @@ def test_card_metadata_parses_and_matches_the_training_log():
     assert generation["do_sample"] is True and generation["eos_token_id"] == 0
 
 
+@pytest.mark.slow
 def test_readme_main_command_prints_a_continuation(capsys):
     assert main(["generate", "It was a dark and stormy night", "--max-new-tokens", "20", "--seed", "0"]) == 0
     out = capsys.readouterr().out
@@ -202,6 +208,7 @@ def test_lm_eval_task_covers_the_held_out_books():
     assert all(d["text"].startswith(d["title"]) and len(d["text"]) > 50_000 for d in docs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness is an optional extra")
 def test_lm_eval_reproduces_the_cards_number(tmp_path):
     make_card = load_make_card()

@@ -13,6 +13,7 @@ HEAVY_MODULES = [
 ]
 
 
+@pytest.mark.slow
 def test_help_lists_every_command_without_importing_their_modules():
     code = (
         "import sys; from glade.cli import build_parser; build_parser().format_help(); "

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from glade import PRESETS, GladeConfig, GladeForCausalLM
+from glade import GladeConfig, GladeForCausalLM
+from glade.param_count import count_parameters
 from glade.tiny import tiny_config
 
 
@@ -28,12 +29,26 @@ def test_canonical_names_read_and_write_gpt2_fields():
     assert config.n_layer == 5
 
 
-def test_presets_build_valid_configs():
-    for name in PRESETS:
-        config = GladeConfig.from_preset(name)
-        assert config.n_embd % config.n_head == 0, name
-    assert GladeConfig.from_preset("gpt2-xl").n_embd == 1600
-    assert GladeConfig.from_preset("glade-tiny", n_layer=1).n_layer == 1
+# Parameters of the released GPT-2 checkpoints (transformers' GPT2LMHeadModel with OpenAI's shapes), and GPT-3's
+# sizes as table 2.1 of Brown et al. 2020 rounds them (1.3B and 13B as the comment on glade.PRESETS explains).
+RELEASED_SIZES = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                  "gpt2-xl": 1_557_611_200}
+PAPER_SIZES = {"gpt3-small": 125e6, "gpt3-medium": 350e6, "gpt3-large": 760e6, "gpt3-xl": 1.3e9, "gpt3-2.7b": 2.7e9,
+               "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9}
+
+
+@pytest.mark.parametrize("name", [*RELEASED_SIZES, *PAPER_SIZES])
+def test_gpt_presets_have_the_published_sizes(name):
+    total = count_parameters(GladeConfig.from_preset(name)).total  # counted exactly as built: tests/inspection
+    if name in RELEASED_SIZES:
+        assert total == RELEASED_SIZES[name]
+    else:
+        assert total == pytest.approx(PAPER_SIZES[name], rel=0.02)
+
+
+def test_preset_overrides_replace_only_the_fields_named():
+    config = GladeConfig.from_preset("gpt2-medium", n_layer=6, vocab_size=8192)
+    assert (config.n_layer, config.vocab_size, config.n_head, config.n_embd) == (6, 8192, 16, 1024)
 
 
 def test_config_round_trips_through_json(tmp_path):

@@ -27,11 +27,13 @@ def _room_for_every_config():
         yield
 
 
+@pytest.mark.slow
 def test_greedy_tokens_equal_generate(model):
     decoder = CompiledDecoder(model, max_length=64)
     assert torch.equal(decoder.generate(PROMPT, 30), greedy(model, PROMPT, 30))
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_generate(model):
     batch = torch.tensor([[256, 256, 256, 7, 8, 9], [10, 20, 30, 40, 50, 60], [256, 11, 12, 13, 14, 15]])
     mask = (batch != 256).long()
@@ -39,6 +41,7 @@ def test_left_padded_batch_equals_generate(model):
     assert torch.equal(decoder.generate(batch, 20, attention_mask=mask), greedy(model, batch, 20, attention_mask=mask))
 
 
+@pytest.mark.slow
 def test_rows_end_at_the_end_id_and_decoding_stops_as_generate_does():
     from glade.tiny import tiny_model
 
@@ -56,6 +59,7 @@ def test_rows_end_at_the_end_id_and_decoding_stops_as_generate_does():
     assert torch.equal(decoded, expected)
 
 
+@pytest.mark.slow
 def test_one_graph_serves_every_token_call_and_model(gpt2_model):
     from glade.tiny import tiny_model
 
@@ -68,6 +72,7 @@ def test_one_graph_serves_every_token_call_and_model(gpt2_model):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.slow
 def test_bf16_weights_decode(gpt2_model):
     model = gpt2_model.to(torch.bfloat16)
     decoded = CompiledDecoder(model, max_length=48).generate(PROMPT, 16)
@@ -76,6 +81,7 @@ def test_bf16_weights_decode(gpt2_model):
     assert (decoded == greedy(model, PROMPT, 16)).float().mean() > 0.8
 
 
+@pytest.mark.slow
 def test_weights_cast_after_the_first_call_decode_in_their_new_dtype(gpt2_model):
     decoder = CompiledDecoder(gpt2_model, max_length=32)
     fp32 = decoder.generate(PROMPT, 8)
@@ -165,6 +171,7 @@ def test_a_passive_openmp_wait_policy_is_warned_about(gpt2_model, monkeypatch, c
     assert not caplog.text
 
 
+@pytest.mark.slow
 def test_weights_changed_after_compiling_are_used(gpt2_model):
     decoder = CompiledDecoder(gpt2_model, max_length=48)
     before = decoder.generate(PROMPT, 12)

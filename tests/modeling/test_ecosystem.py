@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 from architectures import ARCHITECTURES
 from glade.tiny import tiny_model
 
+pytestmark = pytest.mark.slow
+
 
 def test_trainer_lowers_the_loss(tmp_path, tokenizer):
     model = tiny_model()

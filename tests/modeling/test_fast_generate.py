@@ -18,7 +18,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper
 
 from glade import fast_generate
 from glade.decoding import CompiledDecoder
-from glade.tiny import byte_level_tokenizer, tiny_model
+from glade.tiny import byte_level_tokenizer
+
+pytestmark = pytest.mark.slow
 
 PROMPTS = torch.tensor([[256, 256, 256, 7, 8, 9], [10, 20, 30, 40, 50, 60], [256, 11, 12, 13, 14, 15]])
 MASK = (PROMPTS != 256).long()

@@ -26,6 +26,7 @@ def loss_and_grads(model, skip_logits: bool, autocast: bool = False, **inputs):
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "inputs",
     [
@@ -49,6 +50,7 @@ def test_fused_loss_equals_transformers_loss_in_fp32(monkeypatch, inputs):
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_fused_loss_under_bf16_autocast_stays_within_bf16_tolerance(monkeypatch):
     monkeypatch.setattr(kernels, "LOSS_CHUNK_MIN_ROWS", 16)
     monkeypatch.setattr(kernels, "LOSS_CHUNK_ELEMENTS", 1)
@@ -62,6 +64,7 @@ def test_fused_loss_under_bf16_autocast_stays_within_bf16_tolerance(monkeypatch)
         assert (fused_grads[name] - grad).abs().max() <= 2e-2 * grad.abs().max(), name
 
 
+@pytest.mark.slow
 def test_loss_without_gradients_matches_and_computes_none():
     model = tiny_model().train()
 
@@ -102,6 +105,7 @@ def test_custom_loss_function_and_hooked_head_take_the_reference_path():
     assert seen == [(3, 24, 257)] and out.logits is not None
 
 
+@pytest.mark.slow
 def test_sdpa_gets_no_mask_unless_there_is_padding(sdpa_masks):
     """Pure causal attention runs sdpa's is_causal kernel: no [T, T] mask is built, in training or decoding."""
     masks = sdpa_masks
@@ -146,6 +150,7 @@ def test_block_causal_attention_matches_sdpa(monkeypatch, dtype):
             assert block_error <= 2 * sdpa_error + 2**-8 * reference.abs().max(), name
 
 
+@pytest.mark.slow
 def test_block_attention_is_a_named_implementation_that_compiles_without_graph_breaks_and_matches_sdpa(monkeypatch):
     """`attn_implementation="glade_block"` runs the block kernel for whole causal sequences (sdpa is not even traced)
     and sdpa where a padding mask is involved; loss and gradients stay those of plain sdpa."""
@@ -200,6 +205,7 @@ def test_fused_loss_with_soft_capped_logits_equals_capping_the_logits(monkeypatc
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_gelu_under_compile_is_gpt2s_gelu_with_the_same_gradient():
     from glade.modeling_glade import gelu_tanh
 

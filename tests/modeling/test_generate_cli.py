@@ -39,6 +39,7 @@ def test_greedy_generation_from_a_checkpoint_matches_model_generate(checkpoint):
     assert text == tokenizer.decode(expected[0])
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(checkpoint):
     first = generate(["Hi", "Yo"], model=str(checkpoint), max_new_tokens=8, seed=7, top_k=20, top_p=0.9)
     assert first == generate(["Hi", "Yo"], model=str(checkpoint), max_new_tokens=8, seed=7, top_k=20, top_p=0.9)
@@ -62,6 +63,7 @@ def save_generation_config(checkpoint, **settings) -> None:
     model.generation_config.save_pretrained(checkpoint)
 
 
+@pytest.mark.slow
 def test_unset_sampling_options_come_from_the_checkpoints_generation_config(checkpoint):
     # Near-zero temperature samples the argmax, so an honoured config makes sampling reproduce greedy decoding.
     save_generation_config(checkpoint, do_sample=True, temperature=1e-3, top_k=0)
@@ -73,6 +75,7 @@ def test_unset_sampling_options_come_from_the_checkpoints_generation_config(chec
     assert any(text != greedy for text in explicit)
 
 
+@pytest.mark.slow
 def test_length_and_repetition_penalty_are_glade_generates_own_not_the_checkpoints(checkpoint):
     # A generation config may still carry them (older checkpoints did): they must not drive `glade generate`.
     save_generation_config(checkpoint, do_sample=True, temperature=0.7, max_new_tokens=7, repetition_penalty=3.0)
@@ -88,6 +91,7 @@ def test_length_and_repetition_penalty_are_glade_generates_own_not_the_checkpoin
     ]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_length_or_penalty_gets_the_commands_defaults(checkpoint, capsys):
     generation_config = json.loads((checkpoint / "generation_config.json").read_text())
     assert not {"max_new_tokens", "max_length", "repetition_penalty"} & set(generation_config)
@@ -95,6 +99,7 @@ def test_a_checkpoint_without_length_or_penalty_gets_the_commands_defaults(check
     assert capsys.readouterr().out == greedy_continuation("Hello", DEFAULT_MAX_NEW_TOKENS) + "\n"
 
 
+@pytest.mark.slow
 def test_generation_stops_at_the_end_of_the_context_and_keeps_the_text(checkpoint, caplog):
     prompt = "x" * 120  # one byte, one token: 8 of the tiny model's 128 positions are left
     with caplog.at_level(logging.WARNING, logger="glade.generate"):
@@ -113,6 +118,7 @@ def test_a_prompt_that_fills_the_context_is_an_error_naming_both_lengths(checkpo
             "so no token fits after it: shorten the prompt") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, compiled", [([], False), (["--compile"], True)], ids=["default", "--compile"])
 def test_cli_decodes_on_the_fast_route_eagerly_unless_asked_to_compile(checkpoint, capsys, monkeypatch, flags, compiled):
     built = []
@@ -130,6 +136,7 @@ def test_cli_decodes_on_the_fast_route_eagerly_unless_asked_to_compile(checkpoin
     assert re.search(r"first token after \d+ ms; 6 steps, then \d+ steps/s", err)
 
 
+@pytest.mark.slow
 def test_console_script_runs_the_default_model():
     result = subprocess.run(
         [sys.executable, "-m", "glade.cli", "generate", "Once", "--max-new-tokens", "3", "--seed", "0"],
@@ -188,6 +195,7 @@ def test_nan_weights_are_refused_by_name_not_decoded_into_an_empty_continuation(
             "damaged or its training diverged") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_unknown_code_is_refused_without_a_prompt(tmp_path):
     config = {"model_type": "mystery", "auto_map": {"AutoConfig": "configuration_mystery.MysteryConfig",
                                                     "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"}}

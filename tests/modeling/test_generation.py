@@ -18,6 +18,7 @@ def test_greedy_with_cache_equals_without(model):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.slow
 def test_greedy_equals_a_slow_argmax_loop(model):
     ids = PROMPT
     with torch.no_grad():
@@ -26,10 +27,12 @@ def test_greedy_equals_a_slow_argmax_loop(model):
     assert torch.equal(greedy(model, PROMPT), ids)
 
 
+@pytest.mark.slow
 def test_static_cache_equals_dynamic(model):
     assert torch.equal(greedy(model, PROMPT, cache_implementation="static"), greedy(model, PROMPT))
 
 
+@pytest.mark.slow
 def test_compiled_static_cache_decoding_matches(model):
     compile_config = CompileConfig(fullgraph=True, mode="default")
     compile_config._compile_all_devices = True  # transformers compiles decoding only on accelerators by default
@@ -46,6 +49,7 @@ def test_left_padded_batch_gives_each_row_its_own_tokens(model):
     assert torch.equal(together[1, 6:], greedy(model, PROMPT)[0, 6:])
 
 
+@pytest.mark.slow
 def test_sampling_with_a_seed_is_reproducible(model):
     def sample(seed):
         torch.manual_seed(seed)

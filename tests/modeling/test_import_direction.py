@@ -34,12 +34,14 @@ def test_no_core_module_imports_training_or_conversion(path):
 
 # The order that used to cycle (checkpoints -> tiny -> training.tokenizer -> training.data -> checkpoints), from
 # either end.
-@pytest.mark.parametrize("first", ["glade.checkpoints", "glade.training.tokenizer"])
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["glade.loading", "glade.training.tokenizer"])
 def test_each_module_imports_first_in_a_fresh_interpreter(first):
     result = subprocess.run([sys.executable, "-c", f"import {first}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_glade_generate_does_not_load_training_or_conversion():
     code = (
         "import json, sys\n"

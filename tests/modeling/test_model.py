@@ -42,6 +42,7 @@ def test_no_bias_config_drops_every_bias():
     assert not [name for name, _ in model.named_parameters() if name.endswith(".bias")]
 
 
+@pytest.mark.slow
 def test_init_scales_residual_projections_by_depth():
     torch.manual_seed(0)
     config = glade.GladeConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=512, n_positions=64)
@@ -74,6 +75,7 @@ def test_changing_a_token_changes_no_earlier_logit(model):
     assert not torch.allclose(before[:, 9:], after[:, 9:])
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_eager_sdpa_and_flex_agree_with_padding(model):
     ids = torch.randint(0, 256, (2, 12))
@@ -183,6 +185,7 @@ def test_sequence_classification_head_runs(model):
     assert out.logits.shape == (2, 3) and out.loss.isfinite()
 
 
+@pytest.mark.slow
 def test_compiles_without_graph_breaks(model):
     ids = torch.randint(0, 256, (2, 8))
     with torch.no_grad():

@@ -25,7 +25,8 @@ def twins(reference_class, **options):
     return glade, model_from_state_dict(reference_class, config, glade_to_llama(glade.state_dict(), glade.config))
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn_implementation",
+                         ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reference_class,options", [
     (LlamaForCausalLM, {}),
     (Qwen3ForCausalLM, {"qk_norm": True}),
@@ -45,6 +46,7 @@ def test_rotary_rmsnorm_swiglu_gqa_and_qk_norm_compute_what_llama_and_qwen3_comp
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_greedy_tokens_equal_llamas_with_each_cache(cache_implementation):
     glade, reference = twins(LlamaForCausalLM)

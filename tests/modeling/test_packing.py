@@ -15,7 +15,8 @@ PACKED_IDS = IDS[MASK.bool()].unsqueeze(0)
 PACKED_POSITIONS = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention", "glade_block"])
+@pytest.mark.parametrize("attn_implementation",
+                         ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow), "glade_block"])
 @pytest.mark.parametrize("use_cache", [False, None], ids=["no_cache", "config_default"])
 @torch.no_grad()
 def test_padding_matches_padding_free_with_position_ids(model, attn_implementation, use_cache):
@@ -37,6 +38,7 @@ def test_learned_positions_restart_with_each_packed_sequence(gpt2_model):
     torch.testing.assert_close(embeddings, expected)
 
 
+@pytest.mark.slow
 def test_flattening_collator_trains_as_the_padded_batch(model):
     """A forward and backward pass on `DataCollatorWithFlattening`'s batch (labels -100 at each sequence start, so no
     sequence predicts the next one) gives the padded batch's loss and gradients."""

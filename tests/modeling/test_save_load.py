@@ -47,6 +47,7 @@ def test_base_model_loads_from_a_causal_lm_checkpoint(tmp_path, model):
     torch.testing.assert_close(base.wte.weight, model.transformer.wte.weight)
 
 
+@pytest.mark.slow
 def test_remote_code_route_without_glade(tmp_path, model):
     model.save_pretrained(tmp_path)
     ids = [[5, 17, 42, 99, 3, 200]]

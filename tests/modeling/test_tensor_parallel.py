@@ -13,6 +13,8 @@ import torch
 from architectures import ARCHITECTURES
 from glade.tiny import tiny_model
 
+pytestmark = pytest.mark.slow
+
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 WORKER = textwrap.dedent(

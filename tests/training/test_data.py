@@ -54,6 +54,7 @@ def byte_level_bpe(request, bpe_tokenizer_dir):
     return AutoTokenizer.from_pretrained(path)
 
 
+@pytest.mark.slow
 def test_long_documents_are_encoded_in_pieces_with_the_same_ids(byte_level_bpe, shakespeare, tmp_path, monkeypatch):
     text = shakespeare.read_text()[:40_000]
     text = text[:15_000] + "<|endoftext|>\n" + text[15_000:30_000] + "\n<|endoftext|>" + text[30_000:]
@@ -317,6 +318,7 @@ def other_merges(tokenizer):
                                    eos_token=tokenizer.eos_token)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [other_eos, other_merges])
 def test_a_cache_entry_of_another_tokenizer_is_not_used(change, bpe_tokenizer_dir, shakespeare, tmp_path):
     source, cache = resolve_text_source([str(shakespeare)]), tmp_path / "cache"

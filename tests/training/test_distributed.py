@@ -128,6 +128,7 @@ def check_single_export(output: Path, stdout: str, stderr: str, distributed_type
     assert auto_map["AutoModelForCausalLM"] == "modeling_glade.GladeForCausalLM"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", launchers(*LAUNCHERS))
 def test_two_cpu_processes_shard_the_data_match_one_process_and_export_once(
     launcher, base_options, argv, training_env, single_process_run, tmp_path
@@ -167,6 +168,7 @@ def test_two_cpu_processes_shard_the_data_match_one_process_and_export_once(
         assert tensor.equal(gathered[name]), name
 
 
+@pytest.mark.slow
 def test_a_launch_into_a_folder_in_use_stops_on_every_rank(base_options, argv, training_env, tmp_path):
     from glade.training.output_dir import RunLock
 
@@ -187,6 +189,7 @@ def test_a_launch_into_a_folder_in_use_stops_on_every_rank(base_options, argv, t
     assert not base_options["cache_dir"].exists()  # before tokenizing
 
 
+@pytest.mark.slow
 def test_muon_on_two_cpu_processes_matches_one_process(
     base_options, argv, training_env, pretrain_subprocess, tmp_path
 ):
@@ -204,6 +207,7 @@ def test_muon_on_two_cpu_processes_matches_one_process(
     compare_with_single_process(ddp, single, tolerance=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", launchers("fsdp", "deepspeed-zero2"))
 def test_muon_refuses_to_start_when_weight_matrices_are_sharded(launcher, base_options, argv, training_env, tmp_path):
     launch_args, distributed_type = LAUNCHERS[launcher]
@@ -238,6 +242,7 @@ KILL_AFTER_STEP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", launchers("ddp", "fsdp", "deepspeed-zero2"))
 def test_a_killed_two_process_run_resumes_to_the_same_weights(launcher, base_options, argv, training_env, tmp_path):
     launch_args, _ = LAUNCHERS[launcher]
@@ -306,6 +311,7 @@ def test_accelerate_configs_load(name):
     assert config.mixed_precision == ("no" if name == "fsdp_cpu.yaml" else "bf16")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP on GPUs (NCCL) needs 2 CUDA devices")
 def test_fsdp_on_two_gpus_matches_one_process_and_resumes_from_sharded_checkpoints(
     base_options, argv, training_env, tmp_path

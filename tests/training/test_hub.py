@@ -75,6 +75,7 @@ def hub_env(hub: LocalHub, tmp_path, token: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_glade_push_publishes_a_model_that_loads_without_glade(hub, model_dir, model, tokenizer, tmp_path):
     env = hub_env(hub, tmp_path, hub.token)
     pushed = subprocess.run(
@@ -131,6 +132,7 @@ def test_glade_push_publishes_a_model_that_loads_without_glade(hub, model_dir, m
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected_logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_transient_failure_is_retried_by_huggingface_hub_alone(hub, model_dir, library_waits):
     hub.fail_commits = 2
     url = push_folder(model_dir, "org/retried", token=hub.token, endpoint=hub.url)
@@ -141,6 +143,7 @@ def test_a_transient_failure_is_retried_by_huggingface_hub_alone(hub, model_dir,
     assert hub.files("org/retried")["model.safetensors"] == (model_dir / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_hub_answering_503_is_tried_a_bounded_number_of_times_then_one_line_error(
     hub, model_dir, library_waits, monkeypatch, capsys
 ):
@@ -157,6 +160,7 @@ def test_a_hub_answering_503_is_tried_a_bounded_number_of_times_then_one_line_er
     assert sum(library_waits) == 23
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_fails_within_the_timeout(model_dir, online, monkeypatch, capsys):
     with silent_server() as url:
         started = time.monotonic()

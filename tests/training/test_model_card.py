@@ -1,12 +1,13 @@
 import json
-from fnmatch import fnmatch
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
 from glade.training.metrics import read_metrics
-from glade.training.model_card import TEMPLATE, write_model_card
+from glade.training.model_card import inherited_card_fields, write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN = {"step": 200, "train_loss": 2.75, "lr": 3e-4, "tokens_seen": 409600, "tokens_per_sec": 3712.5}
@@ -126,16 +127,31 @@ def test_bad_inputs_are_clear_errors(model_dir, tmp_path):
         write_model_card(model_dir, loss_curve_png=tmp_path / "curve.jpg")
 
 
-def test_template_is_package_data_that_a_wheel_ships():
-    # An editable install reads the template straight from model_cards/, so loading it proves nothing about a wheel,
-    # which holds only the packages and package data that pyproject.toml declares.
-    tomllib = pytest.importorskip("tomllib")
-    setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    package = "glade.model_cards.templates"
-    template = REPO_ROOT / setuptools["package-dir"]["glade.model_cards"] / "templates" / TEMPLATE.name
-    assert package in setuptools["packages"]
-    assert any(fnmatch(template.name, pattern) for pattern in setuptools["package-data"][package])
-    assert "{{ model_name }}" in template.read_text()
+@pytest.mark.slow
+def test_a_card_is_written_from_what_a_wheel_installs(tmp_path):
+    # An editable install reads the template straight from model_cards/, so a card written here proves nothing about a
+    # wheel. setuptools' build_py lays out what a wheel installs (the packages and package data pyproject.toml
+    # declares); a fresh interpreter then writes a card with glade imported from that tree alone.
+    pytest.importorskip("setuptools")
+    build = tmp_path / "purelib"
+    subprocess.run(
+        [sys.executable, "-c", "from setuptools import setup; setup()", "-q", "egg_info", "--egg-base", str(tmp_path),
+         "build_py", "--build-lib", str(build)],
+        cwd=REPO_ROOT, check=True, capture_output=True, timeout=300,
+    )
+    from glade.tiny import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "glade-from-a-wheel")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from glade.training.model_card import TEMPLATE, write_model_card;"
+        "assert str(TEMPLATE).startswith(sys.argv[1]), TEMPLATE;"
+        "print(write_model_card(sys.argv[2]).read_text())"
+    )
+    result = subprocess.run([sys.executable, "-I", "-c", code, str(build), str(tmp_path / "glade-from-a-wheel")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "# glade-from-a-wheel" in result.stdout and "trust_remote_code=True" in result.stdout
 
 
 def test_details_and_model_specific_limitations_are_rendered(tmp_path):
@@ -148,3 +164,33 @@ def test_details_and_model_specific_limitations_are_rendered(tmp_path):
     text = readme.read_text()
     assert "## Data\n\nPublic-domain books." in text
     assert text.index("- Victorian spelling and attitudes.") < text.index("- This is a small research model")
+
+
+def test_a_converted_folder_inherits_its_sources_log_and_card_metadata(model_dir, caplog):
+    write_metrics(model_dir / "metrics.jsonl", [LAST_EVAL])
+    write_model_card(model_dir, dataset_names=["roneneldan/TinyStories"], license="mit", language=["en", "fr"])
+    assert inherited_card_fields(model_dir) == {
+        "metrics_path": model_dir / "metrics.jsonl", "license": "mit", "language": ["en", "fr"],
+        "dataset_names": ["roneneldan/TinyStories"],
+    }
+    (model_dir / "README.md").write_text("---\ndatasets: roneneldan/TinyStories\n---\n# One dataset, no list\n")
+    assert inherited_card_fields(model_dir)["dataset_names"] == ["roneneldan/TinyStories"]
+    (model_dir / "README.md").write_text("# A hand-written card, no YAML header\n")
+    assert inherited_card_fields(model_dir) == {"metrics_path": model_dir / "metrics.jsonl"}
+    (model_dir / "README.md").write_text("---\nlicense: [mit\n---\n# broken header\n")
+    assert inherited_card_fields(model_dir) == {"metrics_path": model_dir / "metrics.jsonl"}
+    assert "ignoring its unreadable YAML header" in caplog.text
+    assert inherited_card_fields(None) == {}
+
+
+def test_a_stock_transformers_folder_gets_a_card_that_loads_it_without_glade(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=257))
+    model.save_pretrained(tmp_path / "gpt2-demo")
+    card = ModelCard.load(write_model_card(tmp_path / "gpt2-demo", repo_id="org/gpt2-demo"))
+    assert set(card.data.tags) == {"glade", "gpt2", "text-generation"}
+    assert f"({sum(p.numel() for p in model.parameters()):,})" in card.text
+    assert "| Layers / heads / width | 2 / 4 / 64 |" in card.text and "| Context length | 128 tokens |" in card.text
+    assert "`GPT2LMHeadModel`" in card.text and 'AutoModelForCausalLM.from_pretrained("org/gpt2-demo")' in card.text
+    assert "trust_remote_code" not in card.text and "import glade" not in card.text

@@ -102,6 +102,7 @@ def after_steps(optimizer_for, weight: torch.Tensor, grads: list[torch.Tensor]) 
     return param.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [(WIDTH, WIDTH, WIDTH), (WIDTH, WIDTH // 4, WIDTH // 4)], ids=["mha", "gqa"])
 def test_a_fused_projection_is_updated_as_separate_matrices(sizes):
     torch.manual_seed(0)
@@ -175,6 +176,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pretraining_with_muon_lowers_the_loss_and_records_the_optimizer(base_options, argv, capsys, fresh_accelerate):
     options = {**base_options, "max_steps": 30, "optimizer": "muon", "muon_lr": 0.02, "save_every": 30}
     assert glade_main(["pretrain", *argv(options)]) == 0

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import glade.training.pretrain_setup as pretrain_setup
 from checkpoint_helpers import rewrite_weights
-from glade.checkpoints import load_model_and_tokenizer
+from glade.loading import load_model_and_tokenizer
 from glade.cli import main as glade_main
 from glade.hardware import cpu_name
 from glade.training.kernel_choice import UNCOMPILED, KernelChoice
@@ -37,6 +37,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pretraining_learns_and_exports_a_pipeline_ready_model(
     base_options, argv, fresh_accelerate, capsys, shakespeare, fake_cpu
 ):
@@ -101,6 +102,7 @@ def test_pretraining_learns_and_exports_a_pipeline_ready_model(
         load_model_and_tokenizer(str(final))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_weights_micro_batches_by_their_real_targets(fresh_accelerate):
     from accelerate import Accelerator
 
@@ -222,6 +224,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(base_options, argv, c
     assert "already holds a training run (checkpoint-4): continue it with --resume latest" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_training_and_val_data_is_used(
     base_options, tmp_path, shakespeare, capsys, fresh_accelerate
 ):
@@ -256,6 +259,7 @@ def test_reporting_to_a_tracker_that_is_not_installed_is_an_error(base_options, 
     assert "--report-to tensorboard: no such tracker is installed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_continued_pretraining_starts_from_the_given_weights(compiled, base_options, tmp_path, fresh_accelerate):
     start = tmp_path / "start"
@@ -276,6 +280,7 @@ def test_continued_pretraining_starts_from_the_given_weights(compiled, base_opti
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.slow
 def test_a_compiled_run_trains_eager_where_the_uncompiled_block_was_fastest(
     base_options, fresh_accelerate, capsys, monkeypatch
 ):
@@ -308,6 +313,7 @@ def test_the_command_line_and_the_python_api_build_the_same_config(base_options,
                        max_steps=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, stop", [
     ({"log_every": 5}, "training stopped at step 2: non-finite training loss"),  # step 1 made the weights NaN
     ({"log_every": 5, "eval_every": 1}, "training stopped at step 1: non-finite validation loss"),
@@ -332,6 +338,7 @@ def strict_json(line: str):
     return json.loads(line, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_keeps_its_last_good_checkpoint_and_exports_nothing(base_options, fresh_accelerate):
     good = {**base_options, "max_steps": 2, "save_every": 2}
     final = pretrain(PretrainConfig(**good))

@@ -14,6 +14,8 @@ from glade.cli import main as glade_main
 from glade.training.metrics import read_records
 from glade.training.pretrain import PretrainConfig, pretrain
 
+pytestmark = pytest.mark.slow
+
 N = 8  # steps before the checkpoint; runs go to 2N
 
 
@@ -84,7 +86,7 @@ def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
 DIE_WHILE_SAVING = textwrap.dedent(
     """
     import os, signal, sys
-    import glade.training.checkpoint as checkpoint
+    import glade.training.checkpointing as checkpoint
     write_marker = checkpoint.write_marker
     def die_before_marker(directory, step):
         if step == 4:

@@ -5,7 +5,7 @@ import torch
 
 from checkpoint_helpers import rewrite_weights
 from glade import GladeConfig, GladeForCausalLM
-from glade.checkpoints import (
+from glade.loading import (
     check_weights,
     load_causal_lm,
     load_model_and_tokenizer,
@@ -77,6 +77,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_checkpoint_that_does_not_match_its_config_is_refused_by_name(checkpoint, damage):
     edit, message = DAMAGE[damage]
@@ -87,6 +88,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused_by_name(checkpoi
         check_weights(str(checkpoint), GladeConfig.from_pretrained(checkpoint))
 
 
+@pytest.mark.slow
 def test_an_intact_checkpoint_loads_its_own_weights(checkpoint):
     model, tokenizer = load_model_and_tokenizer(str(checkpoint))
     assert isinstance(model, GladeForCausalLM) and len(tokenizer) == 257

@@ -1,4 +1,4 @@
-"""Checkpoints: which one a command means, reading its config, and loading it strictly.
+"""Loading a checkpoint: which one a name means, reading its config, and loading it strictly.
 
 A checkpoint is named by a local directory, a Hub id (`name` or `owner/name`), or `tiny-random`, a tiny random Glade
 model that needs no files. A name that can only be a local path (absolute, `./...`, `~/...`, or with more than one
@@ -121,8 +121,9 @@ def read_config_file(path: str | Path, **overrides: Any) -> GladeConfig:
 
 
 def read_checkpoint_config(name: str, **overrides: Any) -> PreTrainedConfig:
-    """The config of any transformers checkpoint (directory or Hub id), read without loading weights."""
-    return AutoConfig.from_pretrained(resolve_checkpoint(name), **overrides)
+    """The config of any transformers checkpoint (directory or Hub id), read without loading weights. A config that
+    needs the checkpoint's own code is refused, never run nor asked about (Glade's classes are registered locally)."""
+    return AutoConfig.from_pretrained(resolve_checkpoint(name), trust_remote_code=False, **overrides)
 
 
 def read_glade_config(name: str) -> GladeConfig:

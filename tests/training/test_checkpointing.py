@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from glade.atomic import NoSpaceLeftError
-from glade.training.checkpoint import (
+from glade.training.checkpointing import (
     MARKER,
     TRAINER_STATE,
     CheckpointError,
@@ -125,7 +125,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_pat
 
 
 def test_a_checkpoint_is_flushed_before_it_is_renamed_into_place(tmp_path, monkeypatch):
-    import glade.training.checkpoint as checkpoint_module
+    import glade.training.checkpointing as checkpoint_module
 
     flushed = []
     monkeypatch.setattr(checkpoint_module, "fsync_tree", lambda path: flushed.append(sorted(os.listdir(path))))
