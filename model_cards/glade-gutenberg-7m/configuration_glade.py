@@ -144,6 +144,11 @@ class GladeConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)  # fills rope_parameters with transformers' defaults
         if self.positions != "rotary":
             self.rope_parameters = None
+        if self.activation_function != "swiglu":
+            # Only the modules this config builds: transformers refuses a plan entry that matches no parameter.
+            self.base_model_tp_plan = {
+                module: style for module, style in type(self).base_model_tp_plan.items() if ".c_gate" not in module
+            }
         self.validate_architecture()
         self.validate_token_ids()
 

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -106,3 +107,21 @@ def test_bad_config_values_raise_naming_the_field(fields, message):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ValueError, match=r"Unknown preset 'gpt5'.*gpt2-medium"):
         GladeConfig.from_preset("gpt5")
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu2", "swiglu"])
+@pytest.mark.parametrize("options", [
+    {}, {"positions": "rotary", "norm": "rmsnorm", "qk_norm": True, "n_kv_head": 2, "bias": False},
+    {"tie_word_embeddings": False, "logit_softcap": 30.0},
+], ids=["gpt2", "modern", "untied"])
+def test_the_tensor_parallel_plan_names_only_modules_the_config_builds(activation, options):
+    config = GladeConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=128, n_positions=32,
+                         activation_function=activation, **options)
+    with torch.device("meta"):
+        modules = [name for name, _ in GladeForCausalLM(config).transformer.named_modules()]
+    planned = {}
+    for pattern in config.base_model_tp_plan:
+        planned[pattern] = [name for name in modules if re.fullmatch(re.escape(pattern).replace(r"\*", r"\d+"), name)]
+    assert all(planned.values()), planned  # transformers refuses an entry that matches no module
+    assert ("h.*.mlp.c_gate" in planned) == (activation == "swiglu")
+    assert {"wte", "h.*.attn.c_proj", "h.*.mlp.c_fc", "h.*.mlp.c_proj"} <= planned.keys()
