@@ -169,14 +169,18 @@ def check_finite(source: str | Path, tensors: Iterable[tuple[str, torch.Tensor]]
         )
 
 
+def safetensors_files(directory: Path) -> list[str]:
+    """The safetensors files a folder's weights are saved in: the shards its index names, or model.safetensors."""
+    if (directory / WEIGHTS_INDEX_NAME).is_file():
+        return sorted(set(read_json(directory / WEIGHTS_INDEX_NAME)["weight_map"].values()))
+    return [WEIGHTS_NAME]
+
+
 def saved_parameter_count(directory: Path) -> int | None:
     """How many numbers a folder's safetensors weights hold, read from the file headers alone (None without
     safetensors weights)."""
-    if (directory / WEIGHTS_INDEX_NAME).is_file():
-        shards = sorted(set(read_json(directory / WEIGHTS_INDEX_NAME)["weight_map"].values()))
-    elif (directory / WEIGHTS_NAME).is_file():
-        shards = [WEIGHTS_NAME]
-    else:
+    shards = safetensors_files(directory)
+    if not all((directory / shard).is_file() for shard in shards):
         return None
     total = 0
     for shard in shards:

@@ -23,12 +23,12 @@ from huggingface_hub.utils import set_client_factory, validate_repo_id
 from huggingface_hub.utils._http import default_client_factory  # the library's own client, not re-exported
 from transformers.dynamic_module_utils import get_relative_imports
 
+from glade.loading import safetensors_files
+
 from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CARD_NAME = "README.md"
 DEFAULT_COMMIT_MESSAGE = "Upload Glade model"
 # Seconds one request may wait to connect, send or receive; a commit of many files takes the Hub a while to answer.
@@ -50,7 +50,7 @@ def check_model_folder(folder: str | Path) -> Path:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: save the model with save_pretrained first")
-    required = [*_weight_files(folder), *_remote_code_files(folder, config_path)]
+    required = [*safetensors_files(folder), *_remote_code_files(folder, config_path)]
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is missing {', '.join(missing)}")
@@ -70,13 +70,6 @@ def _check_links_stay_inside(folder: Path) -> None:
             target = Path(os.path.realpath(path))  # unlike Path.resolve, realpath does not raise on a link loop
             if not target.is_relative_to(root):
                 raise ValueError(f"{path} links to {target}, outside {folder}: copy the file in or remove the link")
-
-
-def _weight_files(folder: Path) -> list[str]:
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        index = json.loads((folder / WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))
-        return sorted(set(index["weight_map"].values()))
-    return [WEIGHTS_NAME]
 
 
 def _remote_code_modules(config_path: Path) -> list[str]:
