@@ -1,6 +1,6 @@
-"""Weights into Glade and back: Hugging Face GPT-2 and nanoGPT checkpoints in; stock GPT-2, GPT-NeoX, Llama or Qwen3
-out, as transformers folders (`stock.py`) or GGUF files (`gguf.py`), with parity reports; ONNX out (`onnx.py`). Which
-stock family a config is written as, and how, is one table: `families.py`.
+"""Weights into Glade and back: Hugging Face GPT-2 and nanoGPT checkpoints in; stock GPT-2, GPT-NeoX, Llama, Qwen3 or
+NanoChat out, as transformers folders (`stock.py`) or GGUF files (`gguf.py`), with parity reports; ONNX out
+(`onnx.py`). Which stock family a config is written as, and how, is one table: `families.py`.
 
 The conversions themselves are pure functions over state dicts (`state_dict.py`); the rest reads and writes
 checkpoint folders, always into a temporary folder that is renamed into place only when everything succeeded.
@@ -19,7 +19,14 @@ from .gpt2 import (
 from .io import load_state_dict_files
 from .nanogpt import convert_nanogpt, glade_config_from_nanogpt, load_nanogpt_as_glade
 from .parity import ParityReport, compare_models, parity_batch, write_parity_report
-from .state_dict import glade_to_gpt2, glade_to_gpt_neox, glade_to_llama, gpt2_to_glade, nanogpt_to_glade
+from .state_dict import (
+    glade_to_gpt2,
+    glade_to_gpt_neox,
+    glade_to_llama,
+    glade_to_nanochat,
+    gpt2_to_glade,
+    nanogpt_to_glade,
+)
 from .stock import export_stock, load_glade_as_stock, stock_config_from_glade
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "glade_to_gpt2",
     "glade_to_gpt_neox",
     "glade_to_llama",
+    "glade_to_nanochat",
     "gpt2_config_from_glade",
     "gpt2_to_glade",
     "load_glade_as_gpt2",

@@ -6,6 +6,7 @@
 | `gpt_neox` | rotary positions, LayerNorm | `GPTNeoXForCausalLM` (sequential residual) | `gptneox` |
 | `llama` | rotary positions, RMSNorm, no QK-norm | `LlamaForCausalLM` | `llama` |
 | `qwen3` | rotary positions, RMSNorm, QK-norm | `Qwen3ForCausalLM` | `qwen3` |
+| `nanochat` | rotary positions, RMSNorm without gains, QK-norm, embedding norm | `NanoChatForCausalLM` | none |
 
 An entry says which GladeConfig values its family computes (`expresses`, field by field), which of those fields pick
 it (`picked_by`), how its stock transformers config is built, and which llama.cpp architecture it is written as, with
@@ -13,7 +14,8 @@ the hyperparameters llama.cpp reads and the values llama.cpp's graph computes fe
 maps are pure functions over state dicts (state_dict.py). `family_for` picks the family of a config (the most specific
 one its values fit); the family then refuses, with the options named, every value it does not compute. stock.py,
 gpt2.py and gguf.py read this table: a new family is one entry here (with its config builder and hyperparameter
-writer, when no existing one fits) and its two tensor maps in state_dict.py.
+writer, when no existing one fits) and its two tensor maps in state_dict.py. RoPE settings are options too, read
+from `rope_parameters` (`rope_type`, `partial_rotary_factor`; `None` for learned positions).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    NanoChatConfig,
+    NanoChatForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
     Qwen3Config,
@@ -45,6 +49,7 @@ from .state_dict import (
     glade_to_gpt2,
     glade_to_gpt_neox,
     glade_to_llama,
+    glade_to_nanochat,
 )
 
 if TYPE_CHECKING:  # the gguf library loads only when a GGUF file is written
@@ -62,13 +67,30 @@ def without_grouped_query_attention(config: GladeConfig) -> tuple[int]:
     return (config.n_head,)
 
 
+# Options that live inside a field rather than being one: RoPE's, read from `rope_parameters`.
+ROPE_OPTIONS: dict[str, Callable[[GladeConfig], Any]] = {
+    "rope_type": lambda config: config.rope_parameters.get("rope_type", "default"),
+    "partial_rotary_factor": lambda config: config.rope_parameters.get("partial_rotary_factor", 1.0),
+}
+# Every rope_type transformers' rotary embeddings (Llama's, GPT-NeoX's, Qwen3's, NanoChat's) compute.
+TRANSFORMERS_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# The ones llama.cpp's graphs compute as transformers does (a linear factor scales every position).
+LLAMA_CPP_ROPE_TYPES = ("default", "linear")
+
+
+def option_value(config: GladeConfig, name: str) -> Any:
+    if name in ROPE_OPTIONS:
+        return ROPE_OPTIONS[name](config) if hasattr(config, "rope_parameters") else None
+    return getattr(config, name)
+
+
 def unexpressed(config: GladeConfig, expresses: Expresses) -> dict[str, Any]:
     """The options of `config` outside `expresses`, by field name, in the order `expresses` lists them."""
     options = {}
     for name, values in expresses.items():
         allowed = values(config) if callable(values) else values
-        if getattr(config, name) not in allowed:
-            options[name] = getattr(config, name)
+        if option_value(config, name) not in allowed:
+            options[name] = option_value(config, name)
     return options
 
 
@@ -112,9 +134,11 @@ class ExportFamily:
     build_config: Callable[[GladeConfig], PreTrainedConfig]
     # Glade's tensors as `model_class` names and lays them out.
     stock_tensors: Callable[[StateDict, GladeConfig], StateDict]
-    gguf: GGUFArchitecture
+    # None: no llama.cpp architecture computes the family's options together; `gguf_refusal` names them.
+    gguf: GGUFArchitecture | None
     # The class's name in messages, when not its class name.
     label: str = ""
+    gguf_refusal: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -130,6 +154,9 @@ class ExportFamily:
 
     def check_gguf(self, config: GladeConfig) -> None:
         """Raise a ValueError naming what llama.cpp's graph for this family does not compute."""
+        if self.gguf is None:
+            named = ", ".join(f"{name}={option_value(config, name)!r}" for name in self.gguf_refusal)
+            raise ValueError(f"Glade config uses {named}, which no llama.cpp architecture computes together")
         check_expressible(config, {**self.expresses, **self.gguf.narrows}, self.gguf.target)
 
 
@@ -144,9 +171,9 @@ def family_for(config: GladeConfig) -> ExportFamily:
     nowhere = [
         name
         for name in deciding
-        if all(name in unexpressed(config, f.expresses) for f in FAMILIES.values() if name in f.picked_by)
+        if all(name in unexpressed(config, f.expresses) for f in FAMILIES.values() if name in f.expresses)
     ]
-    named = ", ".join(f"{name}={getattr(config, name)!r}" for name in nowhere or deciding)
+    named = ", ".join(f"{name}={option_value(config, name)!r}" for name in nowhere or deciding)
     raise ValueError(f"Glade config uses {named}, which no export family ({', '.join(FAMILIES)}) expresses")
 
 
@@ -190,7 +217,7 @@ def gpt2_config(config: GladeConfig) -> GPT2Config:
 def gpt_neox_config(config: GladeConfig) -> GPTNeoXConfig:
     stock = GPTNeoXConfig(
         **_shared_fields(config),
-        rope_parameters={**config.rope_parameters, "partial_rotary_factor": 1.0},
+        rope_parameters=dict(config.rope_parameters),
         hidden_act=GPT_NEOX_ACTIVATIONS[config.activation_function],
         hidden_dropout=config.resid_pdrop,
         layer_norm_eps=config.layer_norm_epsilon,
@@ -198,7 +225,7 @@ def gpt_neox_config(config: GladeConfig) -> GPTNeoXConfig:
         attention_bias=True,
     )
     # transformers 5 writes only rope_parameters; transformers 4 and llama.cpp's converter read these names.
-    stock.rotary_pct = 1.0
+    stock.rotary_pct = option_value(config, "partial_rotary_factor")
     stock.rotary_emb_base = config.rope_parameters["rope_theta"]
     return stock
 
@@ -209,6 +236,17 @@ def llama_config(config: GladeConfig) -> LlamaConfig:
 
 def qwen3_config(config: GladeConfig) -> Qwen3Config:
     return _with_rope_theta(Qwen3Config(**_llama_fields(config)))
+
+
+def nanochat_config(config: GladeConfig) -> NanoChatConfig:
+    return _with_rope_theta(NanoChatConfig(
+        **_shared_fields(config),
+        rope_parameters=dict(config.rope_parameters),
+        num_key_value_heads=config.n_kv_head,
+        hidden_act="relu2",
+        rms_norm_eps=config.layer_norm_epsilon,
+        final_logit_softcapping=config.logit_softcap,
+    ))
 
 
 def _shared_fields(config: GladeConfig) -> dict[str, Any]:
@@ -259,6 +297,17 @@ def add_shared_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
     writer.add_head_count(config.n_head)
 
 
+def add_rope_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
+    """The rotation: its width, base and linear scaling (the one scaling LLAMA_CPP_ROPE_TYPES allows)."""
+    from gguf import RopeScalingType
+
+    writer.add_rope_dimension_count(config.rotary_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if option_value(config, "rope_type") == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_parameters["factor"])
+
+
 def add_gpt2_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
     add_shared_hparams(writer, config)
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
@@ -270,16 +319,14 @@ def add_llama_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
     # Readers of Qwen3 files take the head width from the key/value lengths, with a default that is not ours.
     writer.add_key_length(config.n_embd // config.n_head)
     writer.add_value_length(config.n_embd // config.n_head)
-    writer.add_rope_dimension_count(config.n_embd // config.n_head)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    add_rope_hparams(writer, config)
     writer.add_layer_norm_rms_eps(config.layer_norm_epsilon)
     writer.add_vocab_size(config.vocab_size)
 
 
 def add_gpt_neox_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
     add_shared_hparams(writer, config)
-    writer.add_rope_dimension_count(config.n_embd // config.n_head)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    add_rope_hparams(writer, config)
     writer.add_parallel_residual(False)
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
 
@@ -288,13 +335,20 @@ def add_gpt_neox_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
 
 # llama.cpp's gpt2 and gptneox graphs hard-code the tanh-approximated GELU, whatever the stock class allows.
 TANH_GELU_ONLY = {"activation_function": ("gelu_new",)}
+# Only nanochat's family normalises the embeddings and has norms without gains.
+GAINED_NORMS = {"norm_gain": (True,), "embedding_norm": (False,)}
 LLAMA_EXPRESSES = {
     "positions": ("rotary",),
     "norm": ("rmsnorm",),
     "qk_norm": (False,),
     "activation_function": ("swiglu",),
     "logit_softcap": (None,),
+    **GAINED_NORMS,
+    "rope_type": TRANSFORMERS_ROPE_TYPES,
+    "partial_rotary_factor": (1.0,),  # Llama and Qwen3 rotate every channel of a head
 }
+# llama.cpp's llama and qwen3 graphs: no partial rotation (as the stock classes), linear scaling only.
+LLAMA_CPP_ROTATION = {"rope_type": LLAMA_CPP_ROPE_TYPES}
 
 # Keyed by the stock class's model_type. No family computes logit soft-capping.
 FAMILIES: dict[str, ExportFamily] = {
@@ -308,6 +362,7 @@ FAMILIES: dict[str, ExportFamily] = {
             "logit_softcap": (None,),
             "bias": (True,),  # its Conv1D projections and LayerNorms always carry biases
             "n_kv_head": without_grouped_query_attention,
+            **GAINED_NORMS,
         },
         picked_by=("positions",),
         build_config=gpt2_config,
@@ -325,11 +380,16 @@ FAMILIES: dict[str, ExportFamily] = {
             "logit_softcap": (None,),
             "bias": (True,),  # its LayerNorms and MLP always carry biases
             "n_kv_head": without_grouped_query_attention,
+            **GAINED_NORMS,
+            "rope_type": TRANSFORMERS_ROPE_TYPES,  # and any partial_rotary_factor, which GPT-NeoX introduced
         },
         picked_by=("positions", "norm"),
         build_config=gpt_neox_config,
         stock_tensors=glade_to_gpt_neox,
-        gguf=GGUFArchitecture("gptneox", add_gpt_neox_hparams, glade_to_gguf_gpt_neox, narrows=TANH_GELU_ONLY),
+        gguf=GGUFArchitecture(
+            "gptneox", add_gpt_neox_hparams, glade_to_gguf_gpt_neox,
+            narrows={**TANH_GELU_ONLY, "rope_type": LLAMA_CPP_ROPE_TYPES},
+        ),
     ),
     "llama": ExportFamily(
         LlamaForCausalLM,
@@ -337,7 +397,7 @@ FAMILIES: dict[str, ExportFamily] = {
         picked_by=("positions", "norm", "qk_norm"),
         build_config=llama_config,
         stock_tensors=glade_to_llama,
-        gguf=GGUFArchitecture("llama", add_llama_hparams, glade_to_gguf_llama),
+        gguf=GGUFArchitecture("llama", add_llama_hparams, glade_to_gguf_llama, narrows=LLAMA_CPP_ROTATION),
     ),
     "qwen3": ExportFamily(
         Qwen3ForCausalLM,
@@ -346,6 +406,28 @@ FAMILIES: dict[str, ExportFamily] = {
         build_config=qwen3_config,
         stock_tensors=glade_to_llama,
         # llama.cpp's qwen3 rotates each head's two halves, as transformers does: its tensors are Qwen3's, in order.
-        gguf=GGUFArchitecture("qwen3", add_llama_hparams, glade_to_llama),
+        gguf=GGUFArchitecture("qwen3", add_llama_hparams, glade_to_llama, narrows=LLAMA_CPP_ROTATION),
+    ),
+    "nanochat": ExportFamily(
+        NanoChatForCausalLM,
+        expresses={
+            "positions": ("rotary",),
+            "norm": ("rmsnorm",),
+            "norm_gain": (False,),
+            "embedding_norm": (True,),
+            "qk_norm": (True,),
+            "activation_function": ("relu2",),
+            "bias": (False,),
+            "tie_word_embeddings": (False,),
+            "rope_type": TRANSFORMERS_ROPE_TYPES,
+            "partial_rotary_factor": (1.0,),
+        },  # with any soft cap and grouped-query attention
+        picked_by=("positions", "norm", "qk_norm", "norm_gain", "embedding_norm"),
+        build_config=nanochat_config,
+        stock_tensors=glade_to_nanochat,
+        # gemma2 has soft-capping and nemotron a non-gated squared ReLU, but no llama.cpp graph normalises the
+        # embeddings, or has either of those with QK-norm.
+        gguf=None,
+        gguf_refusal=("embedding_norm", "qk_norm", "activation_function", "logit_softcap"),
     ),
 }

@@ -54,6 +54,8 @@ LLAMA_BLOCK_NAMES = {
     "mlp.c_proj": "mlp.down_proj",
 }
 LLAMA_QKV_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# The same for NanoChat: Llama's attention names, an MLP of two matrices, and norms without tensors.
+NANOCHAT_BLOCK_NAMES = {"attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 # The same for GPT-NeoX, whose q|k|v stays fused.
 GPT_NEOX_NAMES = {"wte": "gpt_neox.embed_in", "ln_f": "gpt_neox.final_layer_norm"}
 GPT_NEOX_BLOCK_NAMES = {
@@ -179,6 +181,32 @@ def glade_to_llama(state_dict: StateDict, config: GladeConfig) -> StateDict:
 
     return _rename_glade_modules(
         exportable_glade_state_dict(state_dict, config), LLAMA_NAMES, "model.layers", LLAMA_BLOCK_NAMES, split_qkv
+    )
+
+
+def reverse_rotation(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q or k projection with each head's second half negated. NanoChat rotates each pair of channels the
+    other way round from Llama (its rotate_half is (x2, -x1)); on negated second halves Llama's rotation gives
+    NanoChat's rotated values with the same second halves negated, whose dot products (and RMS norms) are the same
+    numbers: negation is exact."""
+    halves = tensor.unflatten(0, (heads, 2, -1)).clone()
+    halves[:, 1] = -halves[:, 1]
+    return halves.reshape(tensor.shape)
+
+
+def glade_to_nanochat(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict as a `NanoChatForCausalLM` state dict: Llama's split of q|k|v, with q and k in NanoChat's
+    direction of rotation."""
+    head_dim = config.n_embd // config.n_head
+    qkv_sizes = (config.n_head * head_dim, config.n_kv_head * head_dim, config.n_kv_head * head_dim)
+
+    def split_qkv(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        query, key, value = tensor.split(qkv_sizes)
+        tensors = (reverse_rotation(query, config.n_head), reverse_rotation(key, config.n_kv_head), value)
+        return dict(zip(LLAMA_QKV_NAMES, tensors))
+
+    return _rename_glade_modules(
+        exportable_glade_state_dict(state_dict, config), LLAMA_NAMES, "model.layers", NANOCHAT_BLOCK_NAMES, split_qkv
     )
 
 

@@ -92,7 +92,8 @@ def fit_in_context(prompt_length: int, max_new_tokens: int, context: int) -> int
     the work). A prompt that leaves no room is a ValueError naming both lengths."""
     if prompt_length >= context:
         raise ValueError(
-            f"the prompt is {prompt_length} tokens long and the model's context holds {context} (n_positions), "
+            f"the prompt is {prompt_length} tokens long and the model's context holds {context} (n_positions, "
+            "times any RoPE scaling factor), "
             "so no token fits after it: shorten the prompt"
         )
     room = context - prompt_length
@@ -100,7 +101,7 @@ def fit_in_context(prompt_length: int, max_new_tokens: int, context: int) -> int
         return max_new_tokens
     logger.warning(
         "generating at most %d new tokens instead of %d: with the %d-token prompt they fill the model's context of %d "
-        "tokens (n_positions)", room, max_new_tokens, prompt_length, context,
+        "tokens", room, max_new_tokens, prompt_length, context,
     )
     return room
 
@@ -167,7 +168,7 @@ def generate(
     longest = max(len(generator.tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts)
     options = {
         "max_new_tokens": fit_in_context(
-            longest, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, generator.model.config.max_position_embeddings
+            longest, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, generator.model.config.context_length
         ),
         "do_sample": not greedy,
         "repetition_penalty": repetition_penalty,

@@ -114,7 +114,7 @@ def read_config_file(path: str | Path, **overrides: Any) -> GladeConfig:
         raise ValueError(f"{path} must hold a JSON object of GladeConfig fields")
     require_model_type(values.get("model_type", GladeConfig.model_type), GladeConfig.model_type, path)
     known = {field.name for field in fields(GladeConfig)} | set(GladeConfig.attribute_map)
-    known |= set(GladeConfig().to_dict()) | {"auto_map"}
+    known |= set(GladeConfig().to_dict()) | {"auto_map", "rope_parameters"}  # only rotary configs have the last
     if unknown := sorted(set(values) - known):
         raise ValueError(f"{path} has unknown GladeConfig field(s): {', '.join(unknown)}")
     return GladeConfig.from_dict({**values, **overrides})

@@ -20,8 +20,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.integrations import use_kernel_forward_from_hub, use_kernelized_func
 from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import (
@@ -34,7 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -42,6 +44,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_glade import GladeConfig
 from .fast_generate import fast_generate
 from .kernels_glade import causal_lm_loss_from_hidden, repeat_kv
+
+logger = logging.get_logger(__name__)
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +68,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+@use_kernel_forward_from_hub("RMSNorm")
 class GladeRMSNorm(nn.Module):
     """x / rms(x) * gain, computed in fp32 (as Llama's RMSNorm, so Glade and Llama agree to the bit)."""
 
@@ -80,10 +85,38 @@ class GladeRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-def make_norm(config: GladeConfig) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return GladeRMSNorm(config.n_embd, eps=config.layer_norm_epsilon)
-    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+class GladeUnitRMSNorm(nn.Module):
+    """x / rms(x) without a gain, computed in fp32 (as nanochat's, so the two agree to the bit)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = hidden_states.float()
+        return (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).type_as(
+            hidden_states
+        )
+
+    def extra_repr(self) -> str:
+        return f"eps={self.variance_epsilon}"
+
+
+def make_norm(config: GladeConfig, size: int | None = None) -> nn.Module:
+    size = size or config.n_embd
+    if config.norm == "layernorm":
+        gain = config.norm_gain
+        return nn.LayerNorm(size, eps=config.layer_norm_epsilon, elementwise_affine=gain, bias=config.bias and gain)
+    if config.norm_gain:
+        return GladeRMSNorm(size, eps=config.layer_norm_epsilon)
+    return GladeUnitRMSNorm(eps=config.layer_norm_epsilon)
+
+
+def make_qk_norm(config: GladeConfig, head_dim: int) -> nn.Module:
+    """QK-norm is an RMSNorm whatever `norm` says (as in Qwen3 and nanochat)."""
+    if config.norm_gain:
+        return GladeRMSNorm(head_dim, eps=config.layer_norm_epsilon)
+    return GladeUnitRMSNorm(eps=config.layer_norm_epsilon)
 
 
 class GladeRotaryEmbedding(nn.Module):
@@ -103,9 +136,9 @@ class GladeRotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(config: GladeConfig, **kwargs) -> tuple[torch.Tensor, float]:
-        """One frequency per pair of a head's channels: theta^(-2i / head_dim)."""
+        """One frequency per pair of a head's rotating channels: theta^(-2i / rotary_dim)."""
         base = config.rope_parameters["rope_theta"]
-        dim = config.n_embd // config.n_head
+        dim = config.rotary_dim
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
@@ -122,12 +155,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@use_kernel_forward_from_hub("rotary_pos_emb")
 def apply_rotary_pos_emb(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [batch, heads, seq, head_dim] queries and keys by their positions' angles."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+def apply_partial_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first cos.shape[-1] channels of each head (GPT-NeoX's partial rotary); the rest pass as they are."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == query.shape[-1]:
+        return apply_rotary_pos_emb(query, key, cos, sin)
+    query_rot, key_rot = apply_rotary_pos_emb(query[..., :rotary_dim], key[..., :rotary_dim], cos, sin)
+    return (
+        torch.cat((query_rot, query[..., rotary_dim:]), dim=-1),
+        torch.cat((key_rot, key[..., rotary_dim:]), dim=-1),
+    )
 
 
 def eager_attention_forward(
@@ -151,6 +199,7 @@ def eager_attention_forward(
     return output, weights
 
 
+@use_kernelized_func(apply_rotary_pos_emb)
 class GladeAttention(nn.Module):
     """Causal multi-head self-attention with a fused q|k|v projection (fewer key/value heads with GQA)."""
 
@@ -168,8 +217,10 @@ class GladeAttention(nn.Module):
         # Rows of the fused weight that are separate matrices, for optimizers that treat each alone.
         self.c_attn.fused_output_sizes = self.qkv_sizes
         if config.qk_norm:
-            self.q_norm = GladeRMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
-            self.k_norm = GladeRMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
+            self.q_norm, self.k_norm = make_qk_norm(config, self.head_dim), make_qk_norm(config, self.head_dim)
+        # A gain does not commute with the rotation, so Qwen3 normalises first; without one the order only changes
+        # rounding, and nanochat rotates first.
+        self.qk_norm_after_rope = config.qk_norm and not config.norm_gain
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -187,11 +238,13 @@ class GladeAttention(nn.Module):
         query, key, value = (
             states.view(hidden_shape) for states in self.c_attn(hidden_states).split(self.qkv_sizes, dim=-1)
         )
-        if self.config.qk_norm:
+        if self.config.qk_norm and not self.qk_norm_after_rope:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+            query, key = apply_partial_rotary_pos_emb(query, key, *position_embeddings)
+        if self.qk_norm_after_rope:
+            query, key = self.q_norm(query), self.k_norm(key)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
@@ -235,10 +288,11 @@ class GladeGatedMLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
+        self.gate_act = ACT2FN["silu"]  # transformers' SiLU module, which Hub kernels replace on GPUs
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.silu(self.c_gate(hidden_states)) * self.c_fc(hidden_states)))
+        return self.dropout(self.c_proj(self.gate_act(self.c_gate(hidden_states)) * self.c_fc(hidden_states)))
 
 
 class GladeBlock(GradientCheckpointingLayer):
@@ -336,6 +390,8 @@ class GladeModel(GladePreTrainedModel):
             self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         else:
             self.rotary_emb = GladeRotaryEmbedding(config)
+        if config.embedding_norm:
+            self.ln_emb = make_norm(config)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GladeBlock(config, layer_idx) for layer_idx in range(config.n_layer)])
         self.ln_f = make_norm(config)
@@ -363,7 +419,8 @@ class GladeModel(GladePreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds (got both or neither)")
-        past_length = cache.get_seq_length() if cache is not None else 0
+        # Continuous batching's PagedAttentionCache is no Cache: it has no length, and it passes every position.
+        past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if not torch.compiler.is_compiling():  # the checks read tensor values, which would break the graph
             self._check_inputs(input_ids, position_ids, past_length + seq_length)
@@ -390,6 +447,8 @@ class GladeModel(GladePreTrainedModel):
             inputs_embeds = inputs_embeds + self.wpe(position_ids)
         else:
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        if self.config.embedding_norm:
+            inputs_embeds = self.ln_emb(inputs_embeds)
         hidden_states = self.drop(inputs_embeds)
         for block in self.h:
             hidden_states = block(
@@ -406,25 +465,19 @@ class GladeModel(GladePreTrainedModel):
     def _check_inputs(
         self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None, total_length: int
     ) -> None:
-        # Out-of-range ids would otherwise fail deep inside an embedding lookup (or silently on some devices).
-        n_positions = self.config.n_positions
-        if position_ids is None:
-            if total_length > n_positions:
-                raise ValueError(
-                    f"Sequence length {total_length} (cache + input) exceeds the model's maximum of "
-                    f"n_positions={n_positions}"
-                )
+        if self.config.positions == "rotary":
+            self._warn_past_trained_length(total_length)
+        elif position_ids is None:
+            self._check_length(total_length)
         # A packed row (sequences end to end, each starting again at position 0) can be longer than n_positions while
         # no position is. Reading the ids makes a GPU wait, so there they are read only for a row that long.
-        elif position_ids.numel() > 0 and (position_ids.device.type == "cpu" or total_length > n_positions):
-            highest = int(position_ids.max())
-            if highest >= n_positions:
-                raise ValueError(
-                    f"position_ids holds position {highest}, beyond the model's last position {n_positions - 1} "
-                    f"(n_positions={n_positions})"
-                )
-        # Reading the ids' values is free on the CPU but would make a GPU wait on every forward; there, an
-        # out-of-range id fails in the embedding kernel instead.
+        elif position_ids.numel() > 0 and (
+            position_ids.device.type == "cpu" or total_length > self.config.n_positions
+        ):
+            self._check_highest_position(int(position_ids.max()))
+        # Out-of-range ids would otherwise fail deep inside an embedding lookup (or silently on some devices). Reading
+        # the ids' values is free on the CPU but would make a GPU wait on every forward; there, an out-of-range id
+        # fails in the embedding kernel instead.
         if input_ids is None or input_ids.numel() == 0 or input_ids.device.type != "cpu":
             return
         low, high = int(input_ids.min()), int(input_ids.max())
@@ -433,6 +486,31 @@ class GladeModel(GladePreTrainedModel):
             raise ValueError(
                 f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size - 1}] "
                 f"(vocab_size={self.config.vocab_size})"
+            )
+
+    def _check_length(self, total_length: int) -> None:
+        if total_length > self.config.n_positions:
+            raise ValueError(
+                f"Sequence length {total_length} (cache + input) exceeds the model's maximum of "
+                f"n_positions={self.config.n_positions}"
+            )
+
+    def _check_highest_position(self, highest: int) -> None:
+        n_positions = self.config.n_positions
+        if highest >= n_positions:
+            raise ValueError(
+                f"position_ids holds position {highest}, beyond the model's last position {n_positions - 1} "
+                f"(n_positions={n_positions})"
+            )
+
+    def _warn_past_trained_length(self, total_length: int) -> None:
+        # Rotary positions have no table to run out of: as in Llama, n_positions is the trained length. Past it, an
+        # unscaled rotation meets angles it never trained on.
+        if total_length > self.config.n_positions and self.config.rope_parameters.get("rope_type") == "default":
+            logger.warning_once(
+                f"Sequence length {total_length} is past the {self.config.n_positions} positions this model was "
+                "trained on (n_positions), with no RoPE scaling: expect quality to drop. Set rope_parameters "
+                "(e.g. {'rope_type': 'yarn', 'factor': 2.0}) to scale the rotation."
             )
 
     @staticmethod
@@ -552,6 +630,13 @@ class GladeForTokenClassification(GenericForTokenClassification, GladePreTrained
 
 class GladeForQuestionAnswering(GenericForQuestionAnswering, GladePreTrainedModel):
     base_model_prefix = "transformer"
+
+    # transformers' generic head reads `embed_tokens` off the base model; Glade's embedding keeps GPT-2's name.
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.transformer.set_input_embeddings(new_embeddings)
 
 
 # PEFT picks a LoRA's default target modules from its own table, by model_type: for Glade, every projection of the

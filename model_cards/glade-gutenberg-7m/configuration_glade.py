@@ -26,6 +26,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "glade-small-modern": {
         "n_layer": 6, "n_head": 6, "n_embd": 384, "n_positions": 512, "vocab_size": 8192, "positions": "rotary",
     },
+    # nanochat's architecture (Karpathy, 2025) at its d20 shape, as transformers' NanoChatForCausalLM computes it:
+    # norms without gains (the embeddings normalised too), QK-norm after the rotation, squared ReLU, no biases, an
+    # untied head and logits soft-capped at 15. `glade export stock` writes it as that class.
+    "nanochat": {
+        "n_layer": 20, "n_head": 10, "n_embd": 1280, "n_positions": 2048, "vocab_size": 65536,
+        "positions": "rotary", "norm": "rmsnorm", "norm_gain": False, "embedding_norm": True, "qk_norm": True,
+        "activation_function": "relu2", "bias": False, "tie_word_embeddings": False, "logit_softcap": 15.0,
+        "layer_norm_epsilon": 1e-6, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    },
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},
     "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
     "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
@@ -64,12 +73,18 @@ class GladeConfig(PreTrainedConfig):
             the last id, where GPT-2 and Glade tokenizers keep `<|endoftext|>`.
         tie_word_embeddings: share the token embedding with the output head.
         positions: `"learned"` (GPT-2's position table) or `"rotary"` (RoPE on queries and keys, no table).
-        rope_parameters: for rotary positions, transformers' RoPE dict, e.g. `{"rope_type": "default",
-            "rope_theta": 10000.0}` (the default); `None` with learned positions.
+        rope_parameters: for rotary positions, transformers' RoPE dict: `rope_theta`, `rope_type` (any of
+            transformers' `ROPE_INIT_FUNCTIONS`: default, linear, dynamic, yarn, longrope, llama3, with their own
+            keys) and `partial_rotary_factor` (the fraction of each head's channels that rotate; default 1.0). A
+            learned-position config has no `rope_parameters` attribute at all.
         norm: `"layernorm"` (GPT-2) or `"rmsnorm"` (no mean subtraction, no bias).
-        qk_norm: RMSNorm (with a gain) on each head's queries and keys before attention.
+        norm_gain: whether the norms (blocks, final, QK) carry a learned gain; nanochat's have none.
+        embedding_norm: normalise the token embeddings before the first block (nanochat).
+        qk_norm: RMSNorm on each head's queries and keys: before RoPE with a gain (Qwen3), after it without one
+            (nanochat; the two orders are the same function when the norm has no gain).
         n_kv_head: key/value heads (grouped-query attention); must divide `n_head`. `None` means `n_head`.
-        logit_softcap: soft-cap the logits to `c * tanh(logits / c)`; `None` leaves them as they are.
+        logit_softcap: soft-cap the logits to `c * tanh(logits / c)`; `None` leaves them as they are. Also read and
+            written as `final_logit_softcapping`, the name Gemma 2, NanoChat and vLLM's transformers backend use.
         zero_init: start every residual-output projection (and an untied output head) at zero, so each block begins
             as the identity and the first logits are uniform.
     """
@@ -83,6 +98,7 @@ class GladeConfig(PreTrainedConfig):
         "max_position_embeddings": "n_positions",
         "intermediate_size": "n_inner",
         "num_key_value_heads": "n_kv_head",
+        "final_logit_softcapping": "logit_softcap",
     }
     # The token embedding is split by vocabulary as the head it is tied to is (each rank holds the same rows of the
     # shared weight). The fused q|k|v weight cannot be split column-wise as three separate projections would be, so
@@ -121,8 +137,9 @@ class GladeConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
     positions: str = "learned"
-    rope_parameters: dict | None = None
     norm: str = "layernorm"
+    norm_gain: bool = True
+    embedding_norm: bool = False
     qk_norm: bool = False
     n_kv_head: int | None = None
     logit_softcap: float | None = None
@@ -141,9 +158,8 @@ class GladeConfig(PreTrainedConfig):
             self.n_kv_head = self.n_head
         if self.bos_token_id is None and self.eos_token_id is None:
             self.bos_token_id = self.eos_token_id = self.vocab_size - 1
-        super().__post_init__(**kwargs)  # fills rope_parameters with transformers' defaults
-        if self.positions != "rotary":
-            self.rope_parameters = None
+        self._take_rope_parameters(kwargs)
+        super().__post_init__(**kwargs)  # standardizes rope_parameters, where the config has them
         if self.activation_function != "swiglu":
             # Only the modules this config builds: transformers refuses a plan entry that matches no parameter.
             self.base_model_tp_plan = {
@@ -151,6 +167,39 @@ class GladeConfig(PreTrainedConfig):
             }
         self.validate_architecture()
         self.validate_token_ids()
+
+    def _take_rope_parameters(self, kwargs: dict[str, Any]) -> None:
+        # Only a rotary config has the attribute: transformers (and its common tests) take `hasattr(config,
+        # "rope_parameters")` to mean the model rotates. Configs saved before this rule carry `null`.
+        rope_parameters = kwargs.pop("rope_parameters", None)
+        legacy = {key: kwargs[key] for key in ("rope_scaling", "rope_theta") if kwargs.get(key) is not None}
+        if self.positions != "rotary":
+            if rope_parameters is not None or legacy:
+                raise ValueError(
+                    f"GladeConfig.rope_parameters applies to positions='rotary', not {self.positions!r}: learned "
+                    "positions have no rotation to scale"
+                )
+            return
+        self.rope_parameters = rope_parameters
+        # transformers standardizes the dict in super().__post_init__; the rotary share is Glade's own default.
+        if isinstance(rope_parameters, dict):
+            rope_parameters.setdefault("partial_rotary_factor", 1.0)
+        elif rope_parameters is None and not legacy:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that rotate: head_dim * partial_rotary_factor."""
+        factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
+        return int(self.n_embd // self.n_head * factor)
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model is meant to read: n_positions, times a RoPE scaling factor where one is
+        set (rotary positions have no table to run out of; a learned table ends at n_positions)."""
+        if self.positions != "rotary":
+            return self.n_positions
+        return int(self.n_positions * self.rope_parameters.get("factor", 1.0))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GladeConfig":
@@ -174,7 +223,7 @@ class GladeConfig(PreTrainedConfig):
             # NaN fails no comparison, so the range checks below would let it through.
             if not math.isfinite(value):
                 raise ValueError(f"GladeConfig.{name} must be a finite number, got {value}")
-        for name in ("bias", "tie_word_embeddings", "qk_norm", "zero_init"):
+        for name in ("bias", "tie_word_embeddings", "qk_norm", "zero_init", "norm_gain", "embedding_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GladeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         cap = self.logit_softcap
@@ -198,11 +247,8 @@ class GladeConfig(PreTrainedConfig):
                 f"GladeConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each key/value head "
                 "serves the same number of query heads"
             )
-        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2 != 0:
-            raise ValueError(
-                f"GladeConfig.positions='rotary' needs an even head size, got n_embd / n_head = "
-                f"{self.n_embd // self.n_head}: rotary embeddings rotate pairs of channels"
-            )
+        if self.positions == "rotary":
+            self._check_rope_parameters()
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"GladeConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -210,16 +256,28 @@ class GladeConfig(PreTrainedConfig):
             raise ValueError(f"GladeConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
         if self.initializer_range < 0:
             raise ValueError(f"GladeConfig.initializer_range must be >= 0, got {self.initializer_range}")
-        if self.rope_parameters is not None:
-            theta = self.rope_parameters.get("rope_theta")
-            if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 0 < theta < math.inf):
-                raise ValueError(
-                    f"GladeConfig.rope_parameters['rope_theta'] must be a positive finite number, got {theta!r}"
-                )
         if self.activation_function not in ACTIVATION_FUNCTIONS:
             raise ValueError(
                 f"GladeConfig.activation_function must be one of {ACTIVATION_FUNCTIONS}, "
                 f"got {self.activation_function!r}"
+            )
+
+    def _check_rope_parameters(self) -> None:
+        theta = self.rope_parameters.get("rope_theta")
+        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 0 < theta < math.inf):
+            raise ValueError(
+                f"GladeConfig.rope_parameters['rope_theta'] must be a positive finite number, got {theta!r}"
+            )
+        factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
+        if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor <= 1):
+            raise ValueError(
+                f"GladeConfig.rope_parameters['partial_rotary_factor'] must be in (0, 1], got {factor!r}"
+            )
+        if self.rotary_dim < 2 or self.rotary_dim % 2 != 0:
+            raise ValueError(
+                f"GladeConfig.positions='rotary' needs an even, non-zero number of rotating channels per head, got "
+                f"{self.rotary_dim} (n_embd / n_head = {self.n_embd // self.n_head}, partial_rotary_factor="
+                f"{factor}): rotary embeddings rotate pairs of channels"
             )
 
     def validate_token_ids(self) -> None:

@@ -149,6 +149,7 @@ def plan(
         or config.prefill_chunk_size is not None
         or config.token_healing
         or config.is_assistant
+        or (attention_mask is not None and not is_left_padded(attention_mask))
     ):
         return None
     prompt_length = input_ids.shape[1]
@@ -184,6 +185,15 @@ def plan(
         pad_token_id=int(pad) if pad is not None else None,
         compile=compile,
     )
+
+
+def is_left_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether each row is zeros then ones: the padding the fast decoder's static cache is laid out for. Other masks
+    (right padding, holes) go to generate(), which derives positions from them as the model does."""
+    if attention_mask.dim() != 2:
+        return False
+    mask = attention_mask.bool()
+    return bool(torch.equal(mask.long(), attention_mask.long()) and (mask[:, 1:] >= mask[:, :-1]).all())
 
 
 @contextlib.contextmanager

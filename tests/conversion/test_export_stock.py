@@ -1,4 +1,5 @@
-"""Glade -> the stock transformers class its config picks: GPT-NeoX, Llama, Qwen3 (and GPT-2, as `export gpt2`)."""
+"""Glade -> the stock transformers class its config picks: GPT-NeoX, Llama, Qwen3, NanoChat (and GPT-2, as
+`export gpt2`)."""
 
 import json
 import logging
@@ -6,16 +7,24 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, NanoChatForCausalLM
 
 from export_helpers import saved_random_glade
 from glade import GladeConfig
+from glade.configuration_glade import PRESETS
 from glade.cli import main
-from glade.conversion import export_gpt2, export_stock, stock_config_from_glade
+from glade.conversion import export_gpt2, export_stock, glade_to_nanochat, stock_config_from_glade
+from glade.conversion.state_dict import model_from_state_dict
 from glade.tiny import tiny_model
 
 ROTARY = dict(positions="rotary", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
 LLAMA = dict(ROTARY, norm="rmsnorm", activation_function="swiglu", bias=False, n_kv_head=2)
+# The nanochat preset's options, with grouped-query attention.
+NANOCHAT = {
+    **{name: value for name, value in PRESETS["nanochat"].items() if name not in ("n_layer", "n_head", "n_embd",
+                                                                                  "n_positions", "vocab_size")},
+    **ROTARY, "n_kv_head": 2,
+}
 TARGETS = {
     # GPT-2 + rotary: the architecture of glade-small-modern.
     "gpt_neox": ("GPTNeoXForCausalLM", ROTARY),
@@ -25,6 +34,11 @@ TARGETS = {
     "llama": ("LlamaForCausalLM", dict(LLAMA, tie_word_embeddings=False)),
     "llama-biases-tied": ("LlamaForCausalLM", dict(LLAMA, bias=True)),
     "qwen3": ("Qwen3ForCausalLM", dict(LLAMA, qk_norm=True, tie_word_embeddings=False)),
+    "gpt_neox-partial-yarn": ("GPTNeoXForCausalLM", dict(ROTARY, rope_parameters={
+        "rope_type": "yarn", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 0.5})),
+    "llama-linear": ("LlamaForCausalLM", dict(LLAMA, rope_parameters={
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),
+    "nanochat": ("NanoChatForCausalLM", NANOCHAT),
 }
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones_like(IDS)
@@ -64,17 +78,16 @@ def test_saved_config_reads_back_as_the_glade_config(tmp_path, target):
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
     assert {name: getattr(config, name) for name in fields} == {name: getattr(glade, name) for name in fields}
-    expected_rope = dict(glade.rope_parameters)
     if config.model_type == "gpt_neox":
-        expected_rope["partial_rotary_factor"] = 1.0  # every channel rotates, as in Glade
         assert (config.use_parallel_residual, config.layer_norm_eps) == (False, glade.layer_norm_epsilon)
     else:
         assert (config.num_key_value_heads, config.rms_norm_eps) == (glade.n_kv_head, glade.layer_norm_epsilon)
-    assert config.rope_parameters == expected_rope
+    assert config.rope_parameters == glade.rope_parameters  # the scaling and the rotating share with it
+    assert getattr(config, "final_logit_softcapping", None) == glade.logit_softcap
     # The older names of the rotary settings, for transformers 4 and llama.cpp's converter.
     saved = json.loads((tmp_path / "config.json").read_text())
     if config.model_type == "gpt_neox":
-        assert (saved["rotary_pct"], saved["rotary_emb_base"]) == (1.0, 500.0)
+        assert (saved["rotary_pct"], saved["rotary_emb_base"]) == (glade.rope_parameters["partial_rotary_factor"], 500.0)
     else:
         assert saved["rope_theta"] == 500.0
 
@@ -88,10 +101,32 @@ def test_saved_config_reads_back_as_the_glade_config(tmp_path, target):
     (dict(ROTARY, bias=False, activation_function="swiglu"),
      "activation_function='swiglu', bias=False, which GPTNeoXForCausalLM"),
     ({"norm": "rmsnorm"}, "norm='rmsnorm', which GPT-2"),
+    (dict(LLAMA, rope_parameters={"partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5, which LlamaForCausalLM"),
+    (dict(NANOCHAT, bias=True, tie_word_embeddings=True), "bias=True, tie_word_embeddings=True, which NanoChatForCausalLM"),
+    (dict(NANOCHAT, activation_function="swiglu"), "activation_function='swiglu', which NanoChatForCausalLM"),
+    (dict(NANOCHAT, rope_parameters={"partial_rotary_factor": 0.5}),
+     "partial_rotary_factor=0.5, which NanoChatForCausalLM"),
+    (dict(LLAMA, norm_gain=False), "norm_gain=False, which LlamaForCausalLM"),
+    (dict(ROTARY, embedding_norm=True), "embedding_norm=True, which GPTNeoXForCausalLM"),
+    ({"norm_gain": False}, "norm_gain=False, which GPT-2"),
 ])
 def test_a_config_no_stock_class_expresses_is_refused_by_name(options, message):
     with pytest.raises(ValueError, match=f"Glade config uses {message} cannot express"):
         stock_config_from_glade(GladeConfig(n_embd=64, n_head=4, **options))
+
+
+@torch.no_grad()
+def test_the_nanochat_preset_computes_nanochats_logits_bit_for_bit():
+    glade = tiny_model(**NANOCHAT)
+    stock = model_from_state_dict(NanoChatForCausalLM, stock_config_from_glade(glade.config),
+                                  glade_to_nanochat(glade.state_dict(), glade.config)).eval()
+    for attn_implementation in ("eager", "sdpa"):
+        for model in (glade, stock):
+            model.set_attn_implementation(attn_implementation)
+        assert torch.equal(stock(IDS).logits, glade(IDS).logits)
+    assert stock.config.final_logit_softcapping == 15.0 and not stock.config.tie_word_embeddings
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=256)
+    assert torch.equal(stock.generate(IDS, **greedy), glade.generate(IDS, **greedy))
 
 
 def test_a_refused_export_writes_nothing(tmp_path):

@@ -1,24 +1,27 @@
 """The table of export families: every config picks one family, and what no family has is refused by name."""
 
 import itertools
+from dataclasses import fields
 
 import gguf
 import pytest
 
 from glade import GladeConfig
 from glade.conversion import FAMILIES, family_for
+from glade.conversion.families import ROPE_OPTIONS
 
 # Every value of each field that picks a family, as the table lists them.
 PICKING_VALUES = {
     name: sorted({value for family in FAMILIES.values() for value in family.expresses[name]}, key=repr)
     for name in dict.fromkeys(name for family in FAMILIES.values() for name in family.picked_by)
 }
-PICKS = {  # (positions, norm, qk_norm) -> family
+PICKS = {  # (positions, norm, qk_norm), with gains on the norms and none on the embeddings -> family
     ("learned", "layernorm", False): "gpt2", ("learned", "layernorm", True): "gpt2",
     ("learned", "rmsnorm", False): "gpt2", ("learned", "rmsnorm", True): "gpt2",
     ("rotary", "layernorm", False): "gpt_neox", ("rotary", "layernorm", True): "gpt_neox",
     ("rotary", "rmsnorm", False): "llama", ("rotary", "rmsnorm", True): "qwen3",
 }
+NANOCHAT_PICKS = {"positions": "rotary", "norm": "rmsnorm", "qk_norm": True, "norm_gain": False, "embedding_norm": True}
 
 
 @pytest.mark.parametrize(
@@ -33,24 +36,35 @@ def test_every_config_picks_one_most_specific_family(values):
 
 
 def test_the_picking_options_pick_these_families():
-    assert list(PICKING_VALUES) == ["positions", "norm", "qk_norm"]
+    assert list(PICKING_VALUES) == ["positions", "norm", "qk_norm", "norm_gain", "embedding_norm"]
     for values, name in PICKS.items():
-        assert family_for(GladeConfig(n_embd=64, n_head=4, **dict(zip(PICKING_VALUES, values)))) is FAMILIES[name]
+        options = dict(zip(["positions", "norm", "qk_norm"], values))
+        assert family_for(GladeConfig(n_embd=64, n_head=4, **options)) is FAMILIES[name]
+    assert family_for(GladeConfig(n_embd=64, n_head=4, **NANOCHAT_PICKS)) is FAMILIES["nanochat"]
+    # One of nanochat's options alone leaves the config with the family it had, which names it in its refusal.
+    config = GladeConfig(n_embd=64, n_head=4, activation_function="swiglu", bias=False,
+                         **{**NANOCHAT_PICKS, "embedding_norm": False})
+    with pytest.raises(ValueError, match="^Glade config uses norm_gain=False, which Qwen3ForCausalLM cannot express$"):
+        family_for(config).stock_config(config)
 
 
-def test_each_entry_is_keyed_by_its_model_type_and_names_a_llama_cpp_architecture():
+def test_each_entry_is_keyed_by_its_model_type_and_names_a_llama_cpp_architecture_or_why_none():
+    option_names = {field.name for field in fields(GladeConfig)} | set(ROPE_OPTIONS)
     for name, family in FAMILIES.items():
         assert family.model_class.config_class.model_type == name
-        assert family.gguf.arch in gguf.MODEL_ARCH_NAMES.values()
-        assert set(family.picked_by) <= set(family.expresses)
-        assert set(family.gguf.narrows) <= set(family.expresses)
+        assert set(family.picked_by) <= set(family.expresses) <= option_names
+        if family.gguf is None:
+            assert family.gguf_refusal and set(family.gguf_refusal) <= option_names
+        else:
+            assert family.gguf.arch in gguf.MODEL_ARCH_NAMES.values()
+            assert set(family.gguf.narrows) <= set(family.expresses)
 
 
 def test_a_config_no_family_picks_is_refused_naming_what_no_family_has():
     config = GladeConfig(n_embd=64, n_head=4)
     object.__setattr__(config, "positions", "alibi")  # past GladeConfig's own validation: a future option
     with pytest.raises(ValueError, match=r"^Glade config uses positions='alibi', which no export family "
-                                         r"\(gpt2, gpt_neox, llama, qwen3\) expresses$"):
+                                         r"\(gpt2, gpt_neox, llama, qwen3, nanochat\) expresses$"):
         family_for(config)
 
 

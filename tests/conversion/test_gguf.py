@@ -28,6 +28,17 @@ GGUF_BLOCK_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj
 SHIPPED = Path(str(files("glade.model_cards") / "glade-gutenberg-7m"))
 # A Glade that llama.cpp's llama architecture computes: rotary positions, RMSNorm, SwiGLU, grouped-query attention.
 LLAMA_OPTIONS = dict(positions="rotary", norm="rmsnorm", activation_function="swiglu", n_kv_head=2, bias=False)
+NANOCHAT_OPTIONS = dict(positions="rotary", norm="rmsnorm", norm_gain=False, embedding_norm=True, qk_norm=True,
+                        activation_function="relu2", bias=False, tie_word_embeddings=False)
+# Exports llama.cpp runs beside the plain ones: options of the llama-like Glade.
+LLAMA_CPP_VARIANTS = {
+    "llama": {},
+    "llama-with-biases": {"bias": True},
+    "qwen3": {"qk_norm": True},
+    "llama-linear-rope": {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+    "gptneox-partial-rotary": {"norm": "layernorm", "activation_function": "gelu_new", "n_kv_head": None,
+                               "bias": True, "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+}
 F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
 
 
@@ -177,6 +188,11 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, pre_
         (dict(norm="rmsnorm", qk_norm=True), "norm='rmsnorm', qk_norm=True"),
         (dict(activation_function="gelu"), "activation_function='gelu'"),
         (dict(bias=False), "bias=False"),
+        ({**LLAMA_OPTIONS, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn'"),
+        (dict(positions="rotary", rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
+        ({**LLAMA_OPTIONS, "rope_parameters": {"partial_rotary_factor": 0.5}}, "partial_rotary_factor=0.5"),
+        ({**NANOCHAT_OPTIONS, "logit_softcap": 15.0}, "embedding_norm=True, qk_norm=True, activation_function='relu2', "
+                                                      "logit_softcap=15.0, which no llama.cpp architecture computes"),
     ],
 )
 def test_a_config_llama_cpp_does_not_compute_is_refused_by_name(tmp_path, overrides, message):
@@ -277,7 +293,7 @@ def test_the_shipped_model_is_written_as_gptneox_with_its_own_tensors(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("architecture", ["gpt2", "llama", "llama-with-biases", "qwen3", "shipped-gptneox"])
+@pytest.mark.parametrize("architecture", ["gpt2", *LLAMA_CPP_VARIANTS, "shipped-gptneox"])
 def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2_tokenizer_dir, architecture):
     from llama_cpp import Llama
 
@@ -286,8 +302,7 @@ def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2
     elif architecture == "shipped-gptneox":
         source = SHIPPED
     else:
-        options = dict(bias=architecture == "llama-with-biases", qk_norm=architecture == "qwen3")
-        source = llama_like_glade(tmp_path / "llama", gpt2_tokenizer_dir, **options)
+        source = llama_like_glade(tmp_path / "llama", gpt2_tokenizer_dir, **LLAMA_CPP_VARIANTS[architecture])
     export_gguf(source, tmp_path / "model.gguf")
     llama = Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -125,6 +125,20 @@ def test_batches_over_eight_rows_and_embeddings_go_to_transformers(gpt2_model, m
     gpt2_model.generate(inputs_embeds=embeddings, max_new_tokens=3, pad_token_id=256)
 
 
+@pytest.mark.parametrize("mask", [
+    torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]),  # right padding
+    torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]),  # a hole
+], ids=["right padding", "a hole"])
+def test_a_mask_that_is_not_left_padding_gets_generates_tokens(gpt2_model, monkeypatch, mask):
+    """transformers derives positions and masks from any mask; the fast decoder's cache is laid out for left padding
+    only, so other masks go to transformers (its common tests generate with right-padded masks)."""
+    prompts = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=256)
+    expected = gpt2_model.generate(prompts, fast_decoding="off", **options)
+    monkeypatch.setattr(CompiledDecoder, "generate", lambda *args, **kwargs: pytest.fail("took the fast route"))
+    assert torch.equal(gpt2_model.generate(prompts, **options), expected)
+
+
 def test_a_seeded_generator_draws_the_same_tokens_on_transformers_route(gpt2_model):
     sampling = dict(do_sample=True, top_k=0)
     assert torch.equal(seeded(gpt2_model, "off", **sampling), seeded(gpt2_model, "off", **sampling))

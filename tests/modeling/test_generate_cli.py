@@ -114,8 +114,8 @@ def test_a_prompt_that_fills_the_context_is_an_error_naming_both_lengths(checkpo
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "x" * 130, "--model", str(checkpoint)])
     assert exit_info.value.code == 2
-    assert ("glade generate: error: the prompt is 130 tokens long and the model's context holds 128 (n_positions), "
-            "so no token fits after it: shorten the prompt") in capsys.readouterr().err
+    assert ("glade generate: error: the prompt is 130 tokens long and the model's context holds 128 (n_positions, "
+            "times any RoPE scaling factor), so no token fits after it: shorten the prompt") in capsys.readouterr().err
 
 
 @pytest.mark.slow

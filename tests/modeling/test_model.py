@@ -194,6 +194,18 @@ def test_compiles_without_graph_breaks(model):
         torch.testing.assert_close(compiled(ids).logits, eager_logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("head_class", [glade.GladeForSequenceClassification, glade.GladeForTokenClassification,
+                                        glade.GladeForQuestionAnswering])
+def test_every_head_reads_writes_and_resizes_the_base_models_token_embedding(head_class):
+    head = head_class(tiny_config(num_labels=2))
+    assert head.get_input_embeddings() is head.transformer.wte
+    replacement = torch.nn.Embedding(257, 64)
+    head.set_input_embeddings(replacement)
+    assert head.transformer.wte is replacement
+    head.resize_token_embeddings(300)
+    assert head.transformer.wte.num_embeddings == 300 and head.config.vocab_size == 300
+
+
 class TestBadInput:
     def test_out_of_vocab_id_is_named(self, model):
         with pytest.raises(ValueError, match=r"token id 257, outside the vocabulary \[0, 256\] \(vocab_size=257\)"):
@@ -203,11 +215,12 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"token id -1, outside the vocabulary"):
             model(torch.tensor([[1, -1, 3]]))
 
-    def test_too_long_sequence_gives_both_numbers(self, model):
+    def test_too_long_sequence_gives_both_numbers(self):
         with pytest.raises(ValueError, match=r"Sequence length 129 .*n_positions=128"):
-            model(torch.zeros(1, 129, dtype=torch.long))
+            tiny_model()(torch.zeros(1, 129, dtype=torch.long))
 
-    def test_too_long_with_cache(self, model):
+    def test_too_long_with_cache(self):
+        model = tiny_model()
         out = model(torch.zeros(1, 100, dtype=torch.long), use_cache=True)
         with pytest.raises(ValueError, match=r"Sequence length 130 \(cache \+ input\) exceeds .*n_positions=128"):
             model(torch.zeros(1, 30, dtype=torch.long), cache=out.cache)

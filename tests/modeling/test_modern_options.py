@@ -124,9 +124,8 @@ def test_zero_init_starts_residual_projections_and_an_untied_head_at_zero():
 
 def test_rope_theta_follows_transformers_rope_parameters(tmp_path):
     config = GladeConfig(n_embd=64, n_head=4, positions="rotary", rope_parameters={"rope_theta": 500.0})
-    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0}
     assert GladeConfig(n_embd=64, n_head=4, positions="rotary").rope_parameters["rope_theta"] == 10000.0
-    assert GladeConfig().rope_parameters is None  # learned positions: no RoPE settings to carry
     model = GladeForCausalLM(config)
     inv_freq = model.transformer.rotary_emb.inv_freq
     torch.testing.assert_close(inv_freq, 500.0 ** (-torch.arange(0, 16, 2).float() / 16))
@@ -150,7 +149,13 @@ def test_rotary_attention_depends_on_relative_positions_only():
     ({"positions": "alibi"}, "positions must be one of"),
     ({"norm": "batchnorm"}, "norm must be one of"),
     ({"activation_function": "relu"}, "activation_function must be one of"),
-    ({"positions": "rotary", "n_embd": 60, "n_head": 20}, "needs an even head size"),
+    ({"positions": "rotary", "n_embd": 60, "n_head": 20}, "needs an even, non-zero number of rotating channels"),
+    ({"positions": "rotary", "rope_parameters": {"partial_rotary_factor": 0.1}}, "rotating channels per head, got 1"),
+    ({"positions": "rotary", "rope_parameters": {"partial_rotary_factor": 1.5}}, "must be in (0, 1], got 1.5"),
+    ({"rope_parameters": {"rope_theta": 500.0}}, "rope_parameters applies to positions='rotary', not 'learned'"),
+    ({"rope_theta": 500.0}, "rope_parameters applies to positions='rotary'"),
+    ({"norm_gain": 0}, "norm_gain must be a bool"),
+    ({"embedding_norm": "no"}, "embedding_norm must be a bool"),
     ({"logit_softcap": 0}, "logit_softcap must be a positive number or None"),
     ({"qk_norm": "yes"}, "qk_norm must be a bool"),
     ({"zero_init": 1}, "zero_init must be a bool"),

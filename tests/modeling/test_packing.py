@@ -5,6 +5,8 @@ import pytest
 import torch
 from transformers import DataCollatorWithFlattening
 
+from glade.tiny import tiny_model
+
 
 # Three sequences, 153 tokens together: a packed row longer than the tiny model's n_positions=128, though no sequence
 # is (transformers' padding-free tests pack a left-padded batch the same way).
@@ -71,7 +73,8 @@ def test_plain_position_ids_keep_sdpa_mask_free(sdpa_masks, model):
     assert all(isinstance(mask, torch.Tensor) for mask in masks[n_layer:])
 
 
-def test_a_position_beyond_n_positions_is_named(model):
+def test_a_position_beyond_n_positions_is_named():
+    model = tiny_model()  # learned positions: a table of n_positions rows
     positions = torch.cat([torch.arange(100), torch.arange(30) + 100]).unsqueeze(0)  # the second one runs to 129
     with pytest.raises(ValueError, match=r"position_ids holds position 129, beyond the model's last position 127 "
                                          r"\(n_positions=128\)"):
