@@ -46,6 +46,7 @@ from .state_dict import (
     glade_to_gguf_gpt2,
     glade_to_gguf_gpt_neox,
     glade_to_gguf_llama,
+    glade_to_gguf_nemotron,
     glade_to_gpt2,
     glade_to_gpt_neox,
     glade_to_llama,
@@ -139,6 +140,8 @@ class ExportFamily:
     # The class's name in messages, when not its class name.
     label: str = ""
     gguf_refusal: tuple[str, ...] = ()
+    # llama.cpp architectures for the configs of this family that `gguf` does not compute, tried in order.
+    gguf_alternatives: tuple[GGUFArchitecture, ...] = ()
 
     @property
     def target(self) -> str:
@@ -152,12 +155,16 @@ class ExportFamily:
         check_expressible(config, self.expresses, self.target)
         return self.build_config(config)
 
-    def check_gguf(self, config: GladeConfig) -> None:
-        """Raise a ValueError naming what llama.cpp's graph for this family does not compute."""
+    def gguf_architecture(self, config: GladeConfig) -> GGUFArchitecture:
+        """The llama.cpp architecture computing `config`, or a ValueError naming what the family's own does not."""
         if self.gguf is None:
             named = ", ".join(f"{name}={option_value(config, name)!r}" for name in self.gguf_refusal)
             raise ValueError(f"Glade config uses {named}, which no llama.cpp architecture computes together")
+        for architecture in (self.gguf, *self.gguf_alternatives):
+            if not unexpressed(config, {**self.expresses, **architecture.narrows}):
+                return architecture
         check_expressible(config, {**self.expresses, **self.gguf.narrows}, self.gguf.target)
+        raise AssertionError("unreachable: the check above refuses the config")
 
 
 def family_for(config: GladeConfig) -> ExportFamily:
@@ -324,6 +331,14 @@ def add_llama_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
+def add_nemotron_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
+    add_shared_hparams(writer, config)
+    writer.add_head_count_kv(config.n_kv_head)
+    add_rope_hparams(writer, config)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_vocab_size(config.vocab_size)
+
+
 def add_gpt_neox_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
     add_shared_hparams(writer, config)
     add_rope_hparams(writer, config)
@@ -389,6 +404,13 @@ FAMILIES: dict[str, ExportFamily] = {
         gguf=GGUFArchitecture(
             "gptneox", add_gpt_neox_hparams, glade_to_gguf_gpt_neox,
             narrows={**TANH_GELU_ONLY, "rope_type": LLAMA_CPP_ROPE_TYPES},
+        ),
+        # llama.cpp's nemotron is GPT-NeoX's layout with a squared-ReLU MLP (its LayerNorm1p is a LayerNorm there).
+        gguf_alternatives=(
+            GGUFArchitecture(
+                "nemotron", add_nemotron_hparams, glade_to_gguf_nemotron,
+                narrows={"activation_function": ("relu2",), "rope_type": LLAMA_CPP_ROPE_TYPES},
+            ),
         ),
     ),
     "llama": ExportFamily(

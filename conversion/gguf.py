@@ -50,9 +50,7 @@ MODEL_ARCHES = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 def gguf_architecture_for(config: GladeConfig) -> GGUFArchitecture:
     """llama.cpp's architecture for `config`'s export family, or a ValueError naming what its graph does not
     compute."""
-    family = family_for(config)
-    family.check_gguf(config)
-    return family.gguf
+    return family_for(config).gguf_architecture(config)
 
 
 def load_checkpoint(directory: Path) -> tuple[GGUFArchitecture, GladeConfig, StateDict]:

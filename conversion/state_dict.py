@@ -247,6 +247,16 @@ def glade_to_gguf_llama(state_dict: StateDict, config: GladeConfig) -> StateDict
     return tensors
 
 
+def glade_to_gguf_nemotron(state_dict: StateDict, config: GladeConfig) -> StateDict:
+    """A Glade state dict for llama.cpp's nemotron architecture: Llama's names (q, k and v apart, in transformers'
+    rotary order, which nemotron's rotates), the MLP's two matrices as up and down, and the output matrix always
+    present."""
+    tensors = glade_to_llama(state_dict, config)
+    # Unlike transformers' Nemotron, llama.cpp requires an output matrix: a tied head is written out.
+    tensors.setdefault(HEAD_KEY, tensors["model.embed_tokens.weight"])
+    return tensors
+
+
 def glade_to_gguf_gpt_neox(state_dict: StateDict, config: GladeConfig) -> StateDict:
     """A Glade state dict for llama.cpp's gptneox architecture: GPT-NeoX's names, q|k|v stacked as Glade keeps
     them, and the output matrix always present."""

@@ -55,9 +55,9 @@ def test_each_entry_is_keyed_by_its_model_type_and_names_a_llama_cpp_architectur
         assert set(family.picked_by) <= set(family.expresses) <= option_names
         if family.gguf is None:
             assert family.gguf_refusal and set(family.gguf_refusal) <= option_names
-        else:
-            assert family.gguf.arch in gguf.MODEL_ARCH_NAMES.values()
-            assert set(family.gguf.narrows) <= set(family.expresses)
+        for architecture in filter(None, (family.gguf, *family.gguf_alternatives)):
+            assert architecture.arch in gguf.MODEL_ARCH_NAMES.values()
+            assert set(architecture.narrows) <= set(family.expresses)
 
 
 def test_a_config_no_family_picks_is_refused_naming_what_no_family_has():
@@ -68,6 +68,13 @@ def test_a_config_no_family_picks_is_refused_naming_what_no_family_has():
         family_for(config)
 
 
+def test_a_gpt_neox_config_goes_to_the_llama_cpp_architecture_computing_its_activation():
+    config = GladeConfig(n_embd=64, n_head=4, positions="rotary")
+    assert family_for(config).gguf_architecture(config).arch == "gptneox"
+    config = GladeConfig(n_embd=64, n_head=4, positions="rotary", activation_function="relu2")
+    assert family_for(config).gguf_architecture(config).arch == "nemotron"
+
+
 def test_a_family_refuses_every_option_it_does_not_compute_and_llama_cpp_what_its_graph_does_not():
     config = GladeConfig(n_embd=64, n_head=4, positions="rotary", activation_function="gelu", n_kv_head=2)
     family = family_for(config)
@@ -75,4 +82,4 @@ def test_a_family_refuses_every_option_it_does_not_compute_and_llama_cpp_what_it
         family.stock_config(config)
     with pytest.raises(ValueError, match="^Glade config uses activation_function='gelu', n_kv_head=2, which "
                                          "llama.cpp's gptneox architecture cannot express$"):
-        family.check_gguf(config)
+        family.gguf_architecture(config)

@@ -36,6 +36,8 @@ LLAMA_CPP_VARIANTS = {
     "llama-with-biases": {"bias": True},
     "qwen3": {"qk_norm": True},
     "llama-linear-rope": {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+    "nemotron-relu2": {"norm": "layernorm", "activation_function": "relu2", "n_kv_head": None, "bias": True,
+                       "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
     "gptneox-partial-rotary": {"norm": "layernorm", "activation_function": "gelu_new", "n_kv_head": None,
                                "bias": True, "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
 }
