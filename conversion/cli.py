@@ -53,6 +53,12 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     )
     stock.add_argument("source", help="Glade checkpoint folder or hub id")
     stock.add_argument("destination", help="output folder for the stock checkpoint")
+    stock.add_argument(
+        "--untie-head",
+        action="store_true",
+        help="write a tied output head as its own tensor (tie_word_embeddings: false; same logits), as llama.cpp's "
+        "convert_hf_to_gguf.py needs for GPTNeoXForCausalLM (glade export gguf needs no such option)",
+    )
     _add_check_option(stock)
     _add_overwrite_option(stock)
     stock.set_defaults(func=_run_export_stock)
@@ -121,7 +127,11 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
 
 
 def _run_export_stock(args: argparse.Namespace) -> int:
-    return _report(export_stock(args.source, args.destination, overwrite=args.overwrite, check=args.check))
+    return _report(
+        export_stock(
+            args.source, args.destination, overwrite=args.overwrite, check=args.check, untie_head=args.untie_head
+        )
+    )
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
