@@ -18,7 +18,7 @@ from glade.cli import main
 from glade.conversion import export_gpt2
 from glade.conversion.gguf import export_gguf
 from glade.tiny import byte_level_tokenizer, tiny_model
-from export_helpers import saved_random_glade
+from export_helpers import assert_llama_cpp_continues_like_transformers, saved_random_glade
 
 # llama.cpp's gpt2 names, written out here rather than taken from gguf's map, which the exporter uses.
 GGUF_NAMES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
@@ -307,17 +307,7 @@ def test_llama_cpp_tokenizes_and_continues_like_glade(tmp_path, make_glade, gpt2
         source = llama_like_glade(tmp_path / "llama", gpt2_tokenizer_dir, **LLAMA_CPP_VARIANTS[architecture])
     export_gguf(source, tmp_path / "model.gguf")
     llama = Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source).eval()
-    prompts = ["It was a dark and stormy night", '"Who is there?" cried Mr. Lorry,', "  The   sea;\nand then 1984"]
-    for prompt in prompts:
-        ids = tokenizer(prompt).input_ids
-        # add_bos=True adds the special tokens the file asks for: none, as Glade's tokenizer adds none
-        assert llama.tokenize(prompt.encode(), add_bos=True, special=False) == ids
-        expected = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
-        generated = []
-        for token in llama.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            generated.append(token)
-            if len(generated) == len(expected):
-                break
-        assert generated == expected, prompt
+    try:
+        assert_llama_cpp_continues_like_transformers(llama, source)
+    finally:
+        llama.close()

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from export_helpers import saved_random_glade
+from export_helpers import assert_llama_cpp_continues_like_transformers, saved_random_glade
 from glade.cli import main
 from glade.conversion import export_stock
 from glade.conversion.stock import load_glade_as_stock
@@ -124,20 +124,7 @@ def test_llama_cpps_converter_writes_a_file_llama_cpp_continues_like_transformer
     try:
         assert llama.metadata["general.architecture"] == "gptneox"
         assert llama.metadata["tokenizer.ggml.pre"] == "gpt-2"
-        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "glade-stock")
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "glade-stock").eval()
-        prompts = ["It was a dark and stormy night", '"Who is there?" cried Mr. Lorry,', "  The   sea;\nand then 1984"]
-        for prompt in prompts:
-            ids = tokenizer(prompt).input_ids
-            # add_bos=True adds the special tokens the file asks for: none, as Glade's tokenizer adds none
-            assert llama.tokenize(prompt.encode(), add_bos=True, special=False) == ids
-            expected = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
-            generated = []
-            for token in llama.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-                generated.append(token)
-                if len(generated) == len(expected):
-                    break
-            assert generated == expected, prompt
+        assert_llama_cpp_continues_like_transformers(llama, tmp_path / "glade-stock")
     finally:
         llama.close()
 
