@@ -101,7 +101,8 @@ def write_card(model_dir: Path, config: PretrainConfig, source: TextSource, loss
         dataset_names=list(source.locations) if source.kind == "hub" else [],
         base_model=config.init_from if config.init_from and not Path(config.init_from).exists() else None,
         training_args={name: values[name] for name in CARD_FIELDS}
-        | ({"muon_lr": config.muon_lr} if config.optimizer == "muon" else {}),
+        | ({"muon_lr": config.muon_lr} if config.optimizer == "muon" else {})
+        | ({"ema_decay": config.ema_decay} if config.ema_decay else {}),
         loss_curve_png=loss_curve,
     )
 

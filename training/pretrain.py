@@ -50,6 +50,7 @@ from .pretrain_setup import (
 )
 from .resuming import TrainerState, resume
 from .tokenizer import load_tokenizer, token_byte_lengths
+from .weight_average import WeightAverage
 
 logger = logging.getLogger("glade.pretrain")
 
@@ -75,6 +76,10 @@ def pretrain(config: PretrainConfig) -> Path:
         check_launch(config, accelerator)
         data = prepare_data(config, sources, tokenizer, accelerator)
         model, optimizer, scheduler = prepare_training(config, model_config, accelerator)
+        average = None
+        if config.ema_decay:
+            average = WeightAverage(model, config.ema_decay)
+            accelerator.register_for_checkpointing(average)  # before resume, which restores it
         state = TrainerState.start(config, accelerator.num_processes, data.train_key, model_config)
         if config.resume:
             state = resume(accelerator, config, state, optimizer, scheduler)
@@ -84,9 +89,10 @@ def pretrain(config: PretrainConfig) -> Path:
             accelerator.init_trackers("glade-pretrain", config=tracker_config(config))
         metrics = MetricsLog(config.output_dir, accelerator, resume_step=state.step if config.resume else None)
 
-        train_loop(accelerator, model, optimizer, scheduler, data, tokenizer, state, metrics, config)
-        check_finite_weights(model, accelerator, state.step)
-        final = export_final(accelerator, model, tokenizer, config, metrics, sources[0])
+        train_loop(accelerator, model, optimizer, scheduler, data, tokenizer, state, metrics, config, average)
+        with averaged(model, average):
+            check_finite_weights(model, accelerator, state.step)
+            final = export_final(accelerator, model, tokenizer, config, metrics, sources[0])
         if config.push_to_hub and accelerator.is_main_process:
             push(final, config)
         # Free the DDP/FSDP wrappers while the process group is still alive. If DDP's reducer held the last
@@ -100,9 +106,14 @@ def pretrain(config: PretrainConfig) -> Path:
     return final
 
 
+def averaged(model, average: WeightAverage | None):
+    """The model with the weight average swapped in, where the run keeps one."""
+    return nullcontext() if average is None else average.applied(model)
+
+
 def train_loop(
     accelerator: Accelerator, model, optimizer, scheduler, data: Data, tokenizer, state: TrainerState,
-    metrics: MetricsLog, config: PretrainConfig,
+    metrics: MetricsLog, config: PretrainConfig, average: WeightAverage | None = None,
 ) -> None:
     sampler = StepBatchSampler(
         len(data.train), config.batch_size, config.grad_accum, accelerator.num_processes, accelerator.process_index,
@@ -126,6 +137,8 @@ def train_loop(
         loss, _ = forward_backward(model, accelerator, [model_inputs(b, accelerator.device) for b in micro_batches])
         grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, config.grad_clip)
         state.step += 1
+        if average is not None:
+            average.update(model, state.step)
         state.tokens_seen += tokens_per_step
         window.add(loss, state.step)
         progress.update(1)
@@ -146,7 +159,8 @@ def train_loop(
             progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
 
         if evaluate_now:
-            result = evaluate(model, accelerator, data.val, config.batch_size, config.eval_batches, byte_lengths)
+            with averaged(model, average):
+                result = evaluate(model, accelerator, data.val, config.batch_size, config.eval_batches, byte_lengths)
             if not math.isfinite(result["val_loss"]):
                 raise TrainingDiverged(state.step, "non-finite validation loss")
             metrics.log({"step": state.step, "tokens_seen": state.tokens_seen, **result})

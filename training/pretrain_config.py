@@ -96,6 +96,8 @@ class PretrainConfig:
     beta2: float = option(TRAINING, "decay of the squared gradient's running mean (AdamW)", 0.95,
                           rule=A_FRACTION)
     grad_clip: float = option(TRAINING, "max gradient norm (0: no clipping)", 1.0, rule=NOT_NEGATIVE)
+    ema_decay: float = option(TRAINING, "validate and export an exponential moving average of the weights with this "
+                              "decay per step, e.g. 0.999 (0: the trained weights)", 0.0, rule=A_FRACTION)
     mixed_precision: str = option(TRAINING, "bf16 autocast, or no (fp32); auto: bf16 where the device computes it "
                                   "natively (CUDA with bf16, x86 with avx512_bf16 or amx_bf16, arm64 with bf16), else "
                                   "fp32", "auto", choices=MIXED_PRECISION_CHOICES)

@@ -19,6 +19,7 @@ from . import distributed
 from .kernel_choice import UNCOMPILED, choose_kernel
 from .data import TextSource, TokenBlocks, default_cache_dir, resolve_text_source, split_train_val, tokenize_to_cache
 from .optim import check_optimizer_fits, make_optimizer, make_scheduler
+from .weight_average import check_average_fits
 from .pretrain_config import PretrainConfig
 
 
@@ -90,6 +91,7 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
 def check_launch(config: PretrainConfig, accelerator: Accelerator) -> None:
     """Refuse settings this launch cannot train with, before tokenizing."""
     check_optimizer_fits(config.optimizer, accelerator.distributed_type)
+    check_average_fits(config.ema_decay, accelerator.distributed_type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and config.grad_accum != 1:
         raise ValueError("--grad-accum must be 1 under DeepSpeed, which accumulates in its engine: set "
                          "gradient_accumulation_steps in the DeepSpeed config instead")

@@ -24,7 +24,7 @@ logger = logging.getLogger("glade.pretrain")
 @dataclass
 class TrainerState:
     """What a checkpoint adds to accelerate's state: where training is, what fixes the data order, and which
-    optimizer's state it holds."""
+    optimizer's state (and weight average) it holds."""
 
     step: int
     tokens_seen: int
@@ -35,6 +35,7 @@ class TrainerState:
     train_data: str
     optimizer: str
     architecture: dict[str, Any]
+    ema_decay: float = 0.0
 
     @classmethod
     def start(
@@ -50,6 +51,7 @@ class TrainerState:
             train_data=train_data,
             optimizer=config.optimizer,
             architecture=architecture(model_config),
+            ema_decay=config.ema_decay,
         )
 
 
@@ -99,6 +101,10 @@ def resume(
     if trained_with != expected.optimizer:
         raise ValueError(f"cannot resume from {path}: it holds the state of --optimizer {trained_with}, "
                          f"not of --optimizer {expected.optimizer}")
+    if (averaged := saved.get("ema_decay", 0.0)) != expected.ema_decay:
+        # The average is a checkpointed object: a run with and one without it hold different state.
+        raise ValueError(f"cannot resume from {path}: it was trained with --ema-decay {averaged}, not "
+                         f"--ema-decay {expected.ema_decay}")
     if saved["max_steps"] != expected.max_steps:
         logger.warning("max_steps changed from %s to %s: the learning-rate schedule changes",
                        saved["max_steps"], expected.max_steps)

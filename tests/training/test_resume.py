@@ -43,13 +43,15 @@ def wait_for(condition, process, what, timeout=120):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer, ema_decay", [("adamw", 0.0), ("muon", 0.0), ("adamw", 0.9)],
+                         ids=["adamw", "muon", "adamw-ema"])
 def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
-    optimizer, base_options, argv, pretrain_subprocess, training_env, tmp_path
+    optimizer, ema_decay, base_options, argv, pretrain_subprocess, training_env, tmp_path
 ):
-    # Dropout on, so the resumed run must also restore the RNG states to match.
+    # Dropout on, so the resumed run must also restore the RNG states to match. With --ema-decay, final/ is the
+    # weight average, which the checkpoint must carry.
     options = {**base_options, "max_steps": 2 * N, "save_every": N, "keep_last": 0, "eval_every": N,
-               "dropout": 0.1, "mixed_precision": "bf16", "optimizer": optimizer}
+               "dropout": 0.1, "mixed_precision": "bf16", "optimizer": optimizer, "ema_decay": ema_decay}
     straight = tmp_path / "straight"
     pretrain_subprocess({**options, "output_dir": straight})
 
@@ -80,6 +82,9 @@ def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
     assert straight_weights.keys() == resumed_weights.keys()
     for name, tensor in straight_weights.items():
         assert tensor.equal(resumed_weights[name]), name
+    val_records = [line for line in (straight / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert val_records == [line for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+                           if "val_loss" in line]
 
 
 # Runs pretraining, but SIGKILLs itself just before the COMPLETE marker of checkpoint 4 would be written.
@@ -246,6 +251,11 @@ def test_resume_refuses_an_architecture_change_that_keeps_every_shape(saved_at_s
     line = refusal({**saved_at_step_2, "config": changed}, argv, capsys)
     assert "the model architecture changed (layer_norm_epsilon was 1e-05, now 1e-06; logit_softcap was None, now " \
            "30.0)" in line
+
+
+def test_resume_refuses_a_changed_weight_average(saved_at_step_2, argv, capsys):
+    line = refusal({**saved_at_step_2, "ema_decay": 0.99}, argv, capsys)
+    assert "it was trained with --ema-decay 0.0, not --ema-decay 0.99" in line
 
 
 def regenerate_manifest(checkpoint) -> None:
