@@ -24,6 +24,7 @@ class ParameterCount:
 
     token_embedding: Component
     position_embedding: Component
+    embedding_norm: Component
     block_layer_norms: Component
     block_attention: Component
     block_mlp: Component
@@ -41,7 +42,7 @@ class ParameterCount:
 
     @property
     def total(self) -> int:
-        embeddings = self.token_embedding.count + self.position_embedding.count
+        embeddings = self.token_embedding.count + self.position_embedding.count + self.embedding_norm.count
         return embeddings + self.blocks + self.final_norm.count + self.head.count
 
 
@@ -52,7 +53,9 @@ def _linear(n_in: int, n_out: int, bias: bool) -> tuple[str, int]:
 
 
 def _norm(width: int, config: GladeConfig) -> tuple[str, int]:
-    """A LayerNorm's gain (and bias), or an RMSNorm's gain."""
+    """A LayerNorm's gain (and bias), or an RMSNorm's gain; nothing without gains."""
+    if not config.norm_gain:
+        return "0 (no gain)", 0
     if config.bias and config.norm == "layernorm":
         return f"{width:,} + {width:,}", 2 * width
     return f"{width:,}", width
@@ -67,7 +70,7 @@ def _attention(config: GladeConfig) -> Component:
     qkv = _linear(width, (config.n_head + 2 * config.n_kv_head) * head_dim, bias)
     if not config.qk_norm:
         return _sum_of("attention (c_attn, c_proj)", qkv, _linear(width, width, bias))
-    qk_norms = (f"2 x {head_dim:,}", 2 * head_dim)
+    qk_norms = (f"2 x {head_dim:,}", 2 * head_dim) if config.norm_gain else ("0 (no gain)", 0)
     return _sum_of("attention (c_attn, q_norm, k_norm, c_proj)", qkv, qk_norms, _linear(width, width, bias))
 
 
@@ -98,9 +101,11 @@ def count_parameters(config: GladeConfig) -> ParameterCount:
             "token embedding (wte)", f"{config.vocab_size:,} x {width:,}", config.vocab_size * width
         ),
         position_embedding=positions,
+        embedding_norm=Component("embedding norm (ln_emb)", norm_formula, norm_count) if config.embedding_norm
+        else Component("embedding norm", "none", 0),
         block_layer_norms=Component(
             f"norms (ln_1, ln_2: {config.norm})",
-            f"2 x ({norm_formula})" if "+" in norm_formula else f"2 x {norm_formula}",
+            norm_formula if not norm_count else f"2 x ({norm_formula})" if "+" in norm_formula else f"2 x {norm_formula}",
             2 * norm_count,
         ),
         block_attention=_attention(config),
@@ -125,6 +130,10 @@ def format_parameter_table(counted: ParameterCount) -> str:
         (counted.token_embedding.name, f"{counted.token_embedding.formula} = {counted.token_embedding.count:,}"),
         (counted.position_embedding.name,
          f"{counted.position_embedding.formula} = {counted.position_embedding.count:,}"),
+        *(
+            [(counted.embedding_norm.name, f"{counted.embedding_norm.formula} = {counted.embedding_norm.count:,}")]
+            if counted.embedding_norm.formula != "none" else []
+        ),
         ("per block:", ""),
         *(
             (f"  {part.name}", f"{part.formula} = {part.count:,}")

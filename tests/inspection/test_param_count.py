@@ -23,6 +23,10 @@ CONFIGS = {
         "gqa": {"n_kv_head": 1},
         "swiglu": {"activation_function": "swiglu"},
         "every option": {**MODERN, "n_kv_head": 1},
+        "nanochat": {"positions": "rotary", "norm": "rmsnorm", "norm_gain": False, "embedding_norm": True,
+                     "qk_norm": True, "activation_function": "relu2", "bias": False, "tie_word_embeddings": False},
+        "layernorm without gains, embedding norm": {"norm_gain": False, "embedding_norm": True},
+        "embedding norm with a gain": {"embedding_norm": True},
     }.items()},
 }
 
@@ -32,6 +36,7 @@ def _component_of(name: str) -> str:
     for pattern, component in (
         (r"transformer\.wte\.", "token_embedding"),
         (r"transformer\.wpe\.", "position_embedding"),
+        (r"transformer\.ln_emb\.", "embedding_norm"),
         (r"transformer\.h\.\d+\.ln_[12]\.", "block_layer_norms"),
         (r"transformer\.h\.\d+\.attn\.", "block_attention"),
         (r"transformer\.h\.\d+\.mlp\.", "block_mlp"),
