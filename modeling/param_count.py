@@ -61,6 +61,12 @@ def _norm(width: int, config: GladeConfig) -> tuple[str, int]:
     return f"{width:,}", width
 
 
+def _twice(formula: str, count: int) -> str:
+    if not count:
+        return formula
+    return f"2 x ({formula})" if "+" in formula else f"2 x {formula}"
+
+
 def _sum_of(name: str, *parts: tuple[str, int]) -> Component:
     return Component(name, " + ".join(formula for formula, _ in parts), sum(count for _, count in parts))
 
@@ -105,7 +111,7 @@ def count_parameters(config: GladeConfig) -> ParameterCount:
         else Component("embedding norm", "none", 0),
         block_layer_norms=Component(
             f"norms (ln_1, ln_2: {config.norm})",
-            norm_formula if not norm_count else f"2 x ({norm_formula})" if "+" in norm_formula else f"2 x {norm_formula}",
+            _twice(norm_formula, norm_count),
             2 * norm_count,
         ),
         block_attention=_attention(config),

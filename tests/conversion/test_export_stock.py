@@ -87,7 +87,8 @@ def test_saved_config_reads_back_as_the_glade_config(tmp_path, target):
     # The older names of the rotary settings, for transformers 4 and llama.cpp's converter.
     saved = json.loads((tmp_path / "config.json").read_text())
     if config.model_type == "gpt_neox":
-        assert (saved["rotary_pct"], saved["rotary_emb_base"]) == (glade.rope_parameters["partial_rotary_factor"], 500.0)
+        rotating = glade.rope_parameters["partial_rotary_factor"]
+        assert (saved["rotary_pct"], saved["rotary_emb_base"]) == (rotating, 500.0)
     else:
         assert saved["rope_theta"] == 500.0
 
@@ -102,7 +103,8 @@ def test_saved_config_reads_back_as_the_glade_config(tmp_path, target):
      "activation_function='swiglu', bias=False, which GPTNeoXForCausalLM"),
     ({"norm": "rmsnorm"}, "norm='rmsnorm', which GPT-2"),
     (dict(LLAMA, rope_parameters={"partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5, which LlamaForCausalLM"),
-    (dict(NANOCHAT, bias=True, tie_word_embeddings=True), "bias=True, tie_word_embeddings=True, which NanoChatForCausalLM"),
+    (dict(NANOCHAT, bias=True, tie_word_embeddings=True),
+     "bias=True, tie_word_embeddings=True, which NanoChatForCausalLM"),
     (dict(NANOCHAT, activation_function="swiglu"), "activation_function='swiglu', which NanoChatForCausalLM"),
     (dict(NANOCHAT, rope_parameters={"partial_rotary_factor": 0.5}),
      "partial_rotary_factor=0.5, which NanoChatForCausalLM"),
