@@ -62,11 +62,22 @@ NOT_ARCHITECTURE = {"initializer_range", "zero_init", "resid_pdrop", "embd_pdrop
 
 
 def architecture(model_config: PreTrainedConfig) -> dict[str, Any]:
-    """The fields of the model's own config class that shape what its weights compute, as JSON would store them."""
+    """The fields of the model's own config class that shape what its weights compute, as JSON would store them,
+    and its RoPE settings where it rotates (an attribute only rotary configs have)."""
     generic = {field.name for field in fields(PreTrainedConfig)}
     values = {field.name: getattr(model_config, field.name) for field in fields(model_config)
               if field.name not in generic | NOT_ARCHITECTURE}
+    if getattr(model_config, "rope_parameters", None) is not None:
+        values["rope_parameters"] = model_config.rope_parameters
     return json.loads(json.dumps(values))
+
+
+def with_rope_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """An architecture recorded before rotary configs carried `partial_rotary_factor` (1.0: every channel rotates)."""
+    rope = saved.get("rope_parameters")
+    if isinstance(rope, dict):
+        return {**saved, "rope_parameters": {"partial_rotary_factor": 1.0, **rope}}
+    return saved
 
 
 # The data position is a function of these: if one changes, a resumed run would not see the same data.
@@ -131,6 +142,7 @@ def check_same_architecture(path: Path, saved: dict[str, Any] | None, current: d
     Checkpoints from before the architecture was recorded are not checked."""
     if saved is None:
         return
+    saved = with_rope_defaults(saved)
     changed = [f"{name} was {saved.get(name)!r}, now {current.get(name)!r}"
                for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
     if changed:

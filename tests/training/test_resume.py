@@ -5,13 +5,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from glade import GladeConfig
 from glade.cli import main as glade_main
 from glade.training.metrics import read_records
+from glade.training.resuming import architecture, check_same_architecture
 from glade.training.pretrain import PretrainConfig, pretrain
 
 pytestmark = pytest.mark.slow
@@ -251,6 +254,18 @@ def test_resume_refuses_an_architecture_change_that_keeps_every_shape(saved_at_s
     line = refusal({**saved_at_step_2, "config": changed}, argv, capsys)
     assert "the model architecture changed (layer_norm_epsilon was 1e-05, now 1e-06; logit_softcap was None, now " \
            "30.0)" in line
+
+
+def test_the_recorded_architecture_holds_the_rotation_and_older_records_still_match():
+    rotary = GladeConfig(n_embd=64, n_head=4, positions="rotary", rope_parameters={"rope_theta": 500.0})
+    recorded = architecture(rotary)
+    assert recorded["rope_parameters"] == {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0}
+    assert "rope_parameters" not in architecture(GladeConfig())
+    before_partial_rotation = {**recorded, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
+    check_same_architecture(Path("checkpoint-2"), before_partial_rotation, recorded)
+    other_theta = architecture(GladeConfig(n_embd=64, n_head=4, positions="rotary"))
+    with pytest.raises(ValueError, match="rope_parameters was .*'rope_theta': 500.0.*now .*'rope_theta': 10000.0"):
+        check_same_architecture(Path("checkpoint-2"), recorded, other_theta)
 
 
 def test_resume_refuses_a_changed_weight_average(saved_at_step_2, argv, capsys):
