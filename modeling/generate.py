@@ -101,7 +101,7 @@ def fit_in_context(prompt_length: int, max_new_tokens: int, context: int) -> int
         return max_new_tokens
     logger.warning(
         "generating at most %d new tokens instead of %d: with the %d-token prompt they fill the model's context of %d "
-        "tokens", room, max_new_tokens, prompt_length, context,
+        "tokens (n_positions, times any RoPE scaling factor)", room, max_new_tokens, prompt_length, context,
     )
     return room
 

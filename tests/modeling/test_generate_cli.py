@@ -107,7 +107,7 @@ def test_generation_stops_at_the_end_of_the_context_and_keeps_the_text(checkpoin
     assert texts[0] == greedy_continuation(prompt, 8)
     assert texts[1].startswith("short")
     assert ("generating at most 8 new tokens instead of 20: with the 120-token prompt they fill the model's context "
-            "of 128 tokens (n_positions)") in caplog.text
+            "of 128 tokens (n_positions, times any RoPE scaling factor)") in caplog.text
 
 
 def test_a_prompt_that_fills_the_context_is_an_error_naming_both_lengths(checkpoint, capsys):

@@ -69,12 +69,13 @@ def test_the_tensor_parallel_plan_names_modules_the_base_model_has(architecture)
         assert any(name.replace(".0.", ".*.", 1) == pattern or name == pattern for name in names), pattern
 
 
+@pytest.mark.skipif(not is_kernels_available(), reason="no kernels package of a version this transformers supports")
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_hub_kernels_on_and_off_compute_the_same(tmp_path, architecture):
     tiny_model(**ARCHITECTURES[architecture]).save_pretrained(tmp_path)
     with_kernels = AutoModelForCausalLM.from_pretrained(tmp_path, use_kernels=True)
     without = AutoModelForCausalLM.from_pretrained(tmp_path, use_kernels=False)
-    assert with_kernels.use_kernels == is_kernels_available() and not without.use_kernels
+    assert with_kernels.use_kernels and not without.use_kernels
     with torch.no_grad():
         assert torch.equal(with_kernels.eval()(IDS).logits, without.eval()(IDS).logits)
     losses = []
