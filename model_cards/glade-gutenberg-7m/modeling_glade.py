@@ -102,14 +102,11 @@ class GladeUnitRMSNorm(nn.Module):
         return f"eps={self.variance_epsilon}"
 
 
-def make_norm(config: GladeConfig, size: int | None = None) -> nn.Module:
-    size = size or config.n_embd
+def make_norm(config: GladeConfig) -> nn.Module:
+    width, eps, gain = config.n_embd, config.layer_norm_epsilon, config.norm_gain
     if config.norm == "layernorm":
-        gain = config.norm_gain
-        return nn.LayerNorm(size, eps=config.layer_norm_epsilon, elementwise_affine=gain, bias=config.bias and gain)
-    if config.norm_gain:
-        return GladeRMSNorm(size, eps=config.layer_norm_epsilon)
-    return GladeUnitRMSNorm(eps=config.layer_norm_epsilon)
+        return nn.LayerNorm(width, eps=eps, elementwise_affine=gain, bias=config.bias and gain)
+    return GladeRMSNorm(width, eps=eps) if gain else GladeUnitRMSNorm(eps=eps)
 
 
 def make_qk_norm(config: GladeConfig, head_dim: int) -> nn.Module:
