@@ -51,7 +51,8 @@ def _register_glade_as_in_tree():
     }
     for name, cls_name in tables.items():
         getattr(modeling_auto, name)["glade"] = cls_name
-    for config_names in {id(m): m for m in (configuration_auto.CONFIG_MAPPING_NAMES, auto_mappings.CONFIG_MAPPING_NAMES)}.values():
+    config_tables = (configuration_auto.CONFIG_MAPPING_NAMES, auto_mappings.CONFIG_MAPPING_NAMES)
+    for config_names in {id(table): table for table in config_tables}.values():
         config_names["glade"] = "GladeConfig"
     configuration_auto.CONFIG_MAPPING._extra_content.pop("glade", None)
     for value in vars(modeling_auto).values():
@@ -65,6 +66,10 @@ if is_torch_available():
 
 
 class GladeModelTester(CausalLMModelTester):
+    # Glade options on top of the tester's defaults: extra kwargs become tester attributes, and get_config() forwards
+    # every attribute named like a GladeConfig argument.
+    options: dict = {}
+
     if is_torch_available():
         config_class = GladeConfig
         base_model_class = GladeModel
@@ -73,39 +78,23 @@ class GladeModelTester(CausalLMModelTester):
         token_classification_class = GladeForTokenClassification
         question_answering_class = GladeForQuestionAnswering
 
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **{**self.options, **kwargs})
+
 
 class GladeRotaryModelTester(GladeModelTester):
     """Rotary + RMSNorm + QK-norm + SwiGLU + GQA (4 query heads, 2 kv heads) + logit soft-capping."""
 
-    def __init__(self, parent, **kwargs):
-        kwargs.setdefault("num_attention_heads", 4)
-        kwargs.setdefault("num_key_value_heads", 2)
-        # Extra kwargs become tester attributes, and get_config() forwards every attribute named like a
-        # GladeConfig.__init__ argument.
-        kwargs.setdefault("positions", "rotary")
-        kwargs.setdefault("norm", "rmsnorm")
-        kwargs.setdefault("qk_norm", True)
-        kwargs.setdefault("activation_function", "swiglu")
-        kwargs.setdefault("logit_softcap", 30.0)
-        super().__init__(parent, **kwargs)
+    options = dict(num_attention_heads=4, num_key_value_heads=2, positions="rotary", norm="rmsnorm", qk_norm=True,
+                   activation_function="swiglu", logit_softcap=30.0)
 
 
 class GladeNanochatModelTester(GladeModelTester):
     """The nanochat preset's options: gainless norms, embedding norm, QK-norm after RoPE, relu2, no biases, untied."""
 
-    def __init__(self, parent, **kwargs):
-        kwargs.setdefault("num_attention_heads", 4)
-        kwargs.setdefault("num_key_value_heads", 2)
-        kwargs.setdefault("positions", "rotary")
-        kwargs.setdefault("norm", "rmsnorm")
-        kwargs.setdefault("norm_gain", False)
-        kwargs.setdefault("embedding_norm", True)
-        kwargs.setdefault("qk_norm", True)
-        kwargs.setdefault("activation_function", "relu2")
-        kwargs.setdefault("bias", False)
-        kwargs.setdefault("tie_word_embeddings", False)
-        kwargs.setdefault("logit_softcap", 15.0)
-        super().__init__(parent, **kwargs)
+    options = dict(num_attention_heads=4, num_key_value_heads=2, positions="rotary", norm="rmsnorm", norm_gain=False,
+                   embedding_norm=True, qk_norm=True, activation_function="relu2", bias=False,
+                   tie_word_embeddings=False, logit_softcap=15.0)
 
 
 _PIPELINE_MAPPING = (
