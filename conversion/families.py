@@ -160,11 +160,11 @@ class ExportFamily:
         if self.gguf is None:
             named = ", ".join(f"{name}={option_value(config, name)!r}" for name in self.gguf_refusal)
             raise ValueError(f"Glade config uses {named}, which no llama.cpp architecture computes together")
-        for architecture in (self.gguf, *self.gguf_alternatives):
-            if not unexpressed(config, {**self.expresses, **architecture.narrows}):
-                return architecture
-        check_expressible(config, {**self.expresses, **self.gguf.narrows}, self.gguf.target)
-        raise AssertionError("unreachable: the check above refuses the config")
+        fitting = [architecture for architecture in (self.gguf, *self.gguf_alternatives)
+                   if not unexpressed(config, {**self.expresses, **architecture.narrows})]
+        if not fitting:  # named by what the family's own architecture does not compute
+            check_expressible(config, {**self.expresses, **self.gguf.narrows}, self.gguf.target)
+        return fitting[0]
 
 
 def family_for(config: GladeConfig) -> ExportFamily:

@@ -173,15 +173,27 @@ def glade_to_gpt2(state_dict: StateDict, config: GladeConfig) -> StateDict:
 def glade_to_llama(state_dict: StateDict, config: GladeConfig) -> StateDict:
     """A Glade state dict as a `LlamaForCausalLM` or `Qwen3ForCausalLM` state dict: q|k|v split into three
     projections, every other tensor renamed as it is."""
+    return _rename_glade_modules(
+        exportable_glade_state_dict(state_dict, config), LLAMA_NAMES, "model.layers", LLAMA_BLOCK_NAMES,
+        _split_qkv(config),
+    )
+
+
+def _split_qkv(config: GladeConfig) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """The fused q|k|v tensor as Llama's three projections."""
     head_dim = config.n_embd // config.n_head
     qkv_sizes = (config.n_head * head_dim, config.n_kv_head * head_dim, config.n_kv_head * head_dim)
+    return lambda tensor: dict(zip(LLAMA_QKV_NAMES, tensor.split(qkv_sizes)))
 
-    def split_qkv(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(LLAMA_QKV_NAMES, tensor.split(qkv_sizes)))
 
-    return _rename_glade_modules(
-        exportable_glade_state_dict(state_dict, config), LLAMA_NAMES, "model.layers", LLAMA_BLOCK_NAMES, split_qkv
-    )
+def _map_query_key_rows(
+    tensors: StateDict, config: GladeConfig, rows: Callable[[torch.Tensor, int], torch.Tensor]
+) -> StateDict:
+    """Llama-named tensors with `rows(tensor, heads)` applied to every q and k projection (weights and biases)."""
+    for key, tensor in tensors.items():
+        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key:
+            tensors[key] = rows(tensor, config.n_head if ".q_proj." in key else config.n_kv_head)
+    return tensors
 
 
 def reverse_rotation(tensor: torch.Tensor, heads: int) -> torch.Tensor:
@@ -197,17 +209,11 @@ def reverse_rotation(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 def glade_to_nanochat(state_dict: StateDict, config: GladeConfig) -> StateDict:
     """A Glade state dict as a `NanoChatForCausalLM` state dict: Llama's split of q|k|v, with q and k in NanoChat's
     direction of rotation."""
-    head_dim = config.n_embd // config.n_head
-    qkv_sizes = (config.n_head * head_dim, config.n_kv_head * head_dim, config.n_kv_head * head_dim)
-
-    def split_qkv(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        query, key, value = tensor.split(qkv_sizes)
-        tensors = (reverse_rotation(query, config.n_head), reverse_rotation(key, config.n_kv_head), value)
-        return dict(zip(LLAMA_QKV_NAMES, tensors))
-
-    return _rename_glade_modules(
-        exportable_glade_state_dict(state_dict, config), LLAMA_NAMES, "model.layers", NANOCHAT_BLOCK_NAMES, split_qkv
+    tensors = _rename_glade_modules(
+        exportable_glade_state_dict(state_dict, config), LLAMA_NAMES, "model.layers", NANOCHAT_BLOCK_NAMES,
+        _split_qkv(config),
     )
+    return _map_query_key_rows(tensors, config, reverse_rotation)
 
 
 def glade_to_gpt_neox(state_dict: StateDict, config: GladeConfig) -> StateDict:
@@ -239,12 +245,7 @@ def interleave_rotary_pairs(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 def glade_to_gguf_llama(state_dict: StateDict, config: GladeConfig) -> StateDict:
     """A Glade state dict for llama.cpp's llama architecture: Llama's, with q and k rows in llama.cpp's rotary order
     (a tied head is left out, as in transformers' Llama)."""
-    tensors = glade_to_llama(state_dict, config)
-    for key, tensor in tensors.items():
-        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key:
-            heads = config.n_head if ".q_proj." in key else config.n_kv_head
-            tensors[key] = interleave_rotary_pairs(tensor, heads)
-    return tensors
+    return _map_query_key_rows(glade_to_llama(state_dict, config), config, interleave_rotary_pairs)
 
 
 def glade_to_gguf_nemotron(state_dict: StateDict, config: GladeConfig) -> StateDict:

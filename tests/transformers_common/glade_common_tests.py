@@ -67,8 +67,8 @@ if is_torch_available():
 
 class GladeModelTester(CausalLMModelTester):
     # Glade options on top of the tester's defaults: extra kwargs become tester attributes, and get_config() forwards
-    # every attribute named like a GladeConfig argument.
-    options: dict = {}
+    # every attribute named like a GladeConfig argument. The default is GPT-2's architecture.
+    options: dict = dict(positions="learned", norm="layernorm", activation_function="gelu_new")
 
     if is_torch_available():
         config_class = GladeConfig
@@ -111,11 +111,9 @@ _PIPELINE_MAPPING = (
 )
 
 
-@require_torch
-class GladeModelTest(CausalLMModelTest, unittest.TestCase):
-    """Default GPT-2-shaped configuration (learned positions, LayerNorm, gelu_new, MHA)."""
+class GladeCommonTest(CausalLMModelTest):
+    """What the three configurations share (not collected: no unittest.TestCase)."""
 
-    model_tester_class = GladeModelTester
     pipeline_model_mapping = _PIPELINE_MAPPING
     # used in `test_torch_compile_for_training`
     _torch_compile_train_cls = GladeForCausalLM if is_torch_available() else None
@@ -123,43 +121,31 @@ class GladeModelTest(CausalLMModelTest, unittest.TestCase):
     # than 2023; configuration_glade.py has none, while a model added in-tree today would carry a recent year.
     test_can_init_all_missing_weights_before_2023 = True
 
+    def test_tester_builds_intended_config(self):
+        # Harness self-check: the tester really produces the configuration this class claims to test.
+        config = self.model_tester.get_config()
+        for name, value in self.model_tester.options.items():
+            self.assertEqual(getattr(config, name), value, name)
+
 
 @require_torch
-class GladeRotaryModelTest(CausalLMModelTest, unittest.TestCase):
+class GladeModelTest(GladeCommonTest, unittest.TestCase):
+    """Default GPT-2-shaped configuration (learned positions, LayerNorm, gelu_new, MHA)."""
+
+    model_tester_class = GladeModelTester
+
+
+@require_torch
+class GladeRotaryModelTest(GladeCommonTest, unittest.TestCase):
     """positions='rotary', norm='rmsnorm', qk_norm, swiglu, n_kv_head=2 of 4 heads, logit_softcap=30."""
 
     model_tester_class = GladeRotaryModelTester
-    pipeline_model_mapping = _PIPELINE_MAPPING
     # transformers <= ~5.0 read this to enable the RoPE tests; 5.25's ModelTesterMixin finds the RoPE module itself.
     rotary_embedding_layer = GladeRotaryEmbedding if is_torch_available() else None
-    _torch_compile_train_cls = GladeForCausalLM if is_torch_available() else None
-    # test_can_init_all_missing_weights skips models whose config file has no '# Copyright <year>' header, or one older
-    # than 2023; configuration_glade.py has none, while a model added in-tree today would carry a recent year.
-    test_can_init_all_missing_weights_before_2023 = True
-
-    def test_tester_builds_intended_config(self):
-        # Harness self-check: the rotary tester really produces the configuration this class claims to test.
-        config = self.model_tester.get_config()
-        self.assertEqual(config.positions, "rotary")
-        self.assertEqual(config.norm, "rmsnorm")
-        self.assertTrue(config.qk_norm)
-        self.assertEqual(config.activation_function, "swiglu")
-        self.assertEqual(config.num_attention_heads, 4)
-        self.assertEqual(config.num_key_value_heads, 2)
-        self.assertEqual(config.logit_softcap, 30.0)
 
 
 @require_torch
-class GladeNanochatModelTest(CausalLMModelTest, unittest.TestCase):
+class GladeNanochatModelTest(GladeCommonTest, unittest.TestCase):
     """The nanochat preset's options (norm_gain=False, embedding_norm, qk_norm, relu2, no biases, untied, cap 15)."""
 
     model_tester_class = GladeNanochatModelTester
-    pipeline_model_mapping = _PIPELINE_MAPPING
-    _torch_compile_train_cls = GladeForCausalLM if is_torch_available() else None
-    test_can_init_all_missing_weights_before_2023 = True
-
-    def test_tester_builds_intended_config(self):
-        config = self.model_tester.get_config()
-        self.assertFalse(config.norm_gain)
-        self.assertTrue(config.embedding_norm and config.qk_norm)
-        self.assertFalse(config.tie_word_embeddings)
