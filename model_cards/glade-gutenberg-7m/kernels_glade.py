@@ -14,11 +14,36 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-# Rows of logits per chunk of the fused loss: 8M fp32 values (32 MiB), small next to a full [tokens, vocab] tensor,
-# but at least 512 rows, because every chunk adds its weight gradient into a [vocab, n_embd] fp32 buffer (through an
-# fp32 temporary on CPU), passes over memory that must stay cheap next to the chunk's matmuls.
-LOSS_CHUNK_ELEMENTS = 2**23
+# Rows of logits per chunk of the fused loss: 4M fp32 values (16 MiB), small next to a full [tokens, vocab] tensor,
+# but at least 512 rows, because every chunk adds its weight gradient into a [vocab, n_embd] fp32 buffer, a pass over
+# memory that must stay cheap next to the chunk's matmuls. The chunk's buffers are allocated once per call and every
+# pass over them is in place: on CPU a fresh buffer of this size costs more in page faults than the pass that fills it
+# (glibc maps blocks of 32 MiB and more anew for each allocation), which once made soft-capping cost a third of a step.
+LOSS_CHUNK_ELEMENTS = 2**22
 LOSS_CHUNK_MIN_ROWS = 512
+
+
+class ChunkBuffers:
+    """The fused loss's per-chunk buffers: fp32 logits (the softmax and its gradient are computed in them; with a soft
+    cap they keep the sigmoid its gradient needs, and the softmax gets a buffer of its own), and, when matmuls run in
+    a narrower dtype, that dtype's product."""
+
+    def __init__(self, rows: int, vocab: int, compute_dtype: torch.dtype, device: torch.device, softcap: bool):
+        self.logits = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+        self.exp = torch.empty_like(self.logits) if softcap else None
+        narrow = compute_dtype != torch.float32
+        self.product = torch.empty((rows, vocab), dtype=compute_dtype, device=device) if narrow else None
+
+    def logits_of(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        logits = self.logits[: hidden.shape[0]]
+        if self.product is None:
+            return torch.matmul(hidden, weight.T, out=logits)
+        return logits.copy_(torch.matmul(hidden, weight.T, out=self.product[: hidden.shape[0]]))
+
+    def in_compute_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        if self.product is None:
+            return grad_logits
+        return self.product[: grad_logits.shape[0]].copy_(grad_logits)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -38,35 +63,50 @@ class LinearCrossEntropy(torch.autograd.Function):
             valid = targets != ignore_index
             safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
             loss = hidden.new_zeros((), dtype=torch.float32)
-            grad_hidden = torch.empty_like(hidden) if wants_hidden_grad else None
+            grad_hidden = torch.empty_like(hidden_c) if wants_hidden_grad else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight_grad else None
-            chunk = max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+            chunk = max(1, min(hidden.shape[0], max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // weight.shape[0])))
+            buffers = ChunkBuffers(chunk, weight.shape[0], compute_dtype, hidden.device, softcap is not None)
+            # With a cap c, logits are c tanh(z / c) = c (2 s - 1) with s = sigmoid(2 z / c), written so because
+            # torch's CPU sigmoid is several times faster than its tanh: the chunk's matmul takes 2 / c in its
+            # hidden states and its output becomes s in place. d loss / d z gains d(c tanh(z/c))/dz = 4 s (1 - s),
+            # whose 4 joins the softmax's per-row scale.
+            scale, gain = (1.0, 1.0) if softcap is None else (2 / softcap, 4.0)
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                logits = (hidden_c[rows] @ weight_c.T).float()
-                if softcap is not None:
-                    # tanh(x) = 2 sigmoid(2x) - 1, written so because torch's CPU sigmoid is ~10x faster than its
-                    # tanh. Kept for the gradient: d(c tanh(z/c))/dz = 1 - tanh^2.
-                    capped = torch.sigmoid(logits * (2 / softcap)).mul_(2).sub_(1)
-                    logits = capped * softcap
-                target_logits = logits.gather(1, safe_targets[rows]).squeeze(1)
-                max_logits = logits.amax(dim=-1, keepdim=True)
-                exp_logits = logits.sub_(max_logits).exp_()  # in place: one [rows, vocab] buffer serves throughout
+                logits = buffers.logits_of(hidden_c[rows] * scale if softcap else hidden_c[rows], weight_c)
+                if softcap is None:
+                    target_logits = logits.gather(1, safe_targets[rows]).squeeze(1)
+                    max_logits = logits.amax(dim=-1, keepdim=True)
+                    exp_logits = logits.sub_(max_logits).exp_()
+                else:
+                    capped = logits.sigmoid_()
+                    target_logits = capped.gather(1, safe_targets[rows]).squeeze(1).mul_(2 * softcap).sub_(softcap)
+                    max_logits = capped.amax(dim=-1, keepdim=True).mul_(2 * softcap).sub_(softcap)
+                    # c (2 s - 1) - max = 2 c s - (c + max)
+                    exp_logits = torch.mul(capped, 2 * softcap, out=buffers.exp[: capped.shape[0]])
+                    exp_logits.sub_(max_logits + softcap).exp_()
                 sum_exp = exp_logits.sum(dim=-1)
                 loss += ((max_logits.squeeze(1) + sum_exp.log() - target_logits) * valid[rows]).sum()
                 if not (wants_hidden_grad or wants_weight_grad):
                     continue
                 # d loss / d logits = softmax - one_hot(target), and zero on ignored rows.
-                grad_logits = exp_logits.mul_((valid[rows] / sum_exp).unsqueeze(1))
-                grad_logits.scatter_add_(1, safe_targets[rows], -valid[rows, None].float())
+                grad_logits = exp_logits.mul_((gain * valid[rows] / sum_exp).unsqueeze(1))
+                grad_logits.scatter_add_(1, safe_targets[rows], -gain * valid[rows, None].float())
                 if softcap is not None:
-                    grad_logits.mul_(1 - capped.square_())
-                grad_logits = grad_logits.to(compute_dtype)
+                    grad_logits.mul_(capped.addcmul_(capped, capped, value=-1))
+                grad_logits = buffers.in_compute_dtype(grad_logits)
                 if wants_hidden_grad:
-                    grad_hidden[rows] = grad_logits @ weight_c
+                    torch.matmul(grad_logits, weight_c, out=grad_hidden[rows])
                 if wants_weight_grad:
-                    grad_weight += grad_logits.T @ hidden_c[rows]
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if wants_weight_grad else None)
+                    if grad_logits.dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.T, hidden_c[rows])
+                    else:
+                        grad_weight += grad_logits.T @ hidden_c[rows]
+        ctx.save_for_backward(
+            grad_hidden.to(hidden.dtype) if wants_hidden_grad else None,
+            grad_weight.to(weight.dtype) if wants_weight_grad else None,
+        )
         return loss
 
     @staticmethod
