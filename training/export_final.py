@@ -30,7 +30,7 @@ from .pretrain_config import PretrainConfig
 GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50)
 
 
-# The hyperparameters a model card lists (plus muon_lr under --optimizer muon).
+# The hyperparameters a model card lists (plus muon_lr and Muon's refinements under --optimizer muon).
 CARD_FIELDS = ("max_steps", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "warmup_steps", "weight_decay",
                "grad_clip", "mixed_precision", "seed", "optimizer")
 
@@ -102,6 +102,7 @@ def write_card(model_dir: Path, config: PretrainConfig, source: TextSource, loss
         base_model=config.init_from if config.init_from and not Path(config.init_from).exists() else None,
         training_args={name: values[name] for name in CARD_FIELDS}
         | ({"muon_lr": config.muon_lr} if config.optimizer == "muon" else {})
+        | {name: True for name, on in asdict(config.muon_options).items() if on}
         | ({"ema_decay": config.ema_decay} if config.ema_decay else {}),
         loss_curve_png=loss_curve,
     )

@@ -4,11 +4,19 @@
 layers inside the transformer blocks, AdamW (the same groups and decay rules) for everything else: embeddings, the
 output head, norm gains, biases. Both live in one optimizer object (`OptimizerFamilies`), so the training loop,
 the scheduler, gradient clipping and accelerate's checkpoints treat a Muon run like an AdamW one.
+
+Muon's 2025 refinements are options of `MuonOptions`, each off by default (torch's Muon bit for bit):
+- Polar Express (Amsel et al., arXiv 2505.16932): five orthogonalisation steps, each with its own odd polynomial, the
+  coefficients and 2% safety factor of modded-nanogpt;
+- NorMuon (arXiv 2510.05491): each neuron's orthogonalised update divided by a running RMS of it (beta2 0.95), then
+  rescaled to the update's own Frobenius norm;
+- cautious weight decay (arXiv 2510.12402): a weight is decayed only where the update moves it towards zero too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +38,16 @@ OPTIMIZERS = ("adamw", "muon")
 #   lr 3e-3 seed 1        3.588  3.545  3.573                (3.822)
 # 0.02 wins at both AdamW learning rates (and is Keller Jordan's Muon default).
 DEFAULT_MUON_LR = 0.02
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# The coefficients assume singular values at most 1; the input is normalised to a Frobenius norm 2% above 1.
+POLAR_EXPRESS_SAFETY = 1.02
+NORMUON_BETA2 = 0.95
 # Muon orthogonalises each weight matrix as a whole; these hand every process only a shard of it.
 SHARDING = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}
 
@@ -73,6 +91,52 @@ def evaluate_closure(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor
         return closure()
 
 
+@dataclass(frozen=True)
+class MuonOptions:
+    """Muon's refinements (module docstring); all off is torch's Muon."""
+
+    polar_express: bool = False
+    normuon: bool = False
+    cautious_weight_decay: bool = False
+
+    def group_settings(self) -> dict[str, Any]:
+        """Their param-group keys: the command line sets them, a checkpoint's optimizer state does not."""
+        return {
+            "polar_express": self.polar_express,
+            "normuon_beta2": NORMUON_BETA2 if self.normuon else None,
+            "cautious_weight_decay": self.cautious_weight_decay,
+        }
+
+
+def polar_express(update: torch.Tensor, eps: float) -> torch.Tensor:
+    """The orthogonal factor of `update`, approximately: Polar Express's five steps, in bf16 as torch's Muon."""
+    x = update.bfloat16()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (x.norm() * POLAR_EXPRESS_SAFETY + eps)
+    for a, b, c in POLAR_EXPRESS_COEFFICIENTS:
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def neuron_axis(shape: torch.Size) -> int:
+    """NorMuon's neurons run along a matrix's longer side: its rows if it has at least as many rows as columns."""
+    return 0 if shape[0] >= shape[1] else 1
+
+
+def normalize_neurons(orthogonal: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon: each neuron's update over the running RMS of its updates (`second_moment` moves in place), then
+    rescaled to the Frobenius norm of `orthogonal`."""
+    update = orthogonal.float()
+    axis = neuron_axis(update.shape)
+    second_moment.lerp_(update.square().mean(dim=1 - axis), 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    normalized = update * (scale[:, None] if axis == 0 else scale[None, :])
+    return normalized * (update.norm() / normalized.norm().clamp_min(1e-10))
+
+
 class BlockwiseMuon(torch.optim.Muon):
     """torch's Muon, except that a fused projection is orthogonalised one row block at a time.
 
@@ -86,10 +150,12 @@ class BlockwiseMuon(torch.optim.Muon):
     torch.optim.Muon.
     """
 
-    def __init__(self, params: Iterable[dict], **kwargs: Any):
+    def __init__(self, params: Iterable[dict], options: MuonOptions = MuonOptions(), **kwargs: Any):
         super().__init__(params, **kwargs)
         for group in self.param_groups:
             sizes = group.setdefault("fused_output_sizes", None)
+            for key, value in options.group_settings().items():
+                group.setdefault(key, value)
             for param in group["params"]:
                 if sizes is not None and sum(sizes) != param.shape[0]:
                     raise ValueError(f"fused_output_sizes {sizes} do not add up to the {param.shape[0]} rows of a "
@@ -107,14 +173,34 @@ class BlockwiseMuon(torch.optim.Muon):
             for param, grad, buffer in zip(params, grads, buffers):
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                param.mul_(1 - lr * group["weight_decay"])
                 sizes = group["fused_output_sizes"] or (param.shape[0],)
-                for rows, block in zip(param.split(sizes), update.split(sizes)):
-                    orthogonal = _zeropower_via_newtonschulz(
-                        block, group["ns_coefficients"], group["ns_steps"], group["eps"]
-                    )
-                    rows.add_(orthogonal, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], rows.shape))
+                blocks = [self._block_update(block, group) for block in update.split(sizes)]
+                if group["normuon_beta2"] is not None:
+                    moments = self._second_moments(param, sizes).split([b.shape[neuron_axis(b.shape)] for b in blocks])
+                    blocks = [normalize_neurons(b, m, group["normuon_beta2"]) for b, m in zip(blocks, moments)]
+                decay = lr * group["weight_decay"]
+                if group["cautious_weight_decay"]:
+                    toward_zero = torch.cat(blocks) * param >= 0  # where the update shrinks |weight| too
+                    param.sub_(param * toward_zero, alpha=decay)
+                else:
+                    param.mul_(1 - decay)
+                for rows, block in zip(param.split(sizes), blocks):
+                    rows.add_(block, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], rows.shape))
         return loss
+
+    @staticmethod
+    def _block_update(block: torch.Tensor, group: dict) -> torch.Tensor:
+        if group["polar_express"]:
+            return polar_express(block, group["eps"])
+        return _zeropower_via_newtonschulz(block, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+    def _second_moments(self, param: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """NorMuon's running mean squares of `param`'s blocks, one per neuron, end to end in one fp32 vector."""
+        state = self.state[param]
+        if "normuon_second_moment" not in state:
+            neurons = sum(max(rows, param.shape[1]) for rows in sizes)
+            state["normuon_second_moment"] = torch.zeros(neurons, dtype=torch.float32, device=param.device)
+        return state["normuon_second_moment"]
 
 
 class OptimizerFamilies(torch.optim.Optimizer):
@@ -155,6 +241,7 @@ def make_optimizer(
     betas: tuple[float, float],
     fused: bool,
     muon_lr: float = DEFAULT_MUON_LR,
+    muon_options: MuonOptions = MuonOptions(),
 ) -> torch.optim.Optimizer:
     """AdamW (`name="adamw"`), or Muon for the block matrices and AdamW for the rest (`"muon"`).
 
@@ -162,7 +249,9 @@ def make_optimizer(
     Weight decay is decoupled in both: each step shrinks a decayed weight by its own lr x `weight_decay`.
     Muon keeps torch's defaults: momentum 0.95, nesterov, 5 Newton-Schulz steps, lr x sqrt(max(1, rows/cols)).
     AdamW's groups come first, so the first group's lr is --lr's schedule (what metrics.jsonl logs as `lr`).
+    `muon_options` turn on Muon's refinements (`MuonOptions`); they need `name="muon"`.
     """
+    check_muon_options(name, muon_options)
     if name == "adamw":
         return make_adamw(parameter_groups(model, weight_decay), lr, betas, fused)
     muon_groups = muon_parameter_groups(model)
@@ -171,8 +260,14 @@ def make_optimizer(
     in_muon = frozenset(id(param) for group in muon_groups for param in group["params"])
     return OptimizerFamilies([
         make_adamw(parameter_groups(model, weight_decay, exclude=in_muon), lr, betas, fused),
-        BlockwiseMuon(muon_groups, lr=muon_lr, weight_decay=weight_decay),
+        BlockwiseMuon(muon_groups, muon_options, lr=muon_lr, weight_decay=weight_decay),
     ])
+
+
+def check_muon_options(name: str, options: MuonOptions) -> None:
+    if name != "muon" and options != MuonOptions():
+        raise ValueError("--polar-express, --normuon and --cautious-weight-decay refine Muon: they need --optimizer "
+                         "muon")
 
 
 def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], fused: bool) -> torch.optim.AdamW:
@@ -197,7 +292,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_step
 
 # What the command line sets in a param group (the peak learning rate as the scheduler's `initial_lr`), which a
 # resumed run takes from its command line rather than from the checkpoint's optimizer state.
-COMMAND_LINE_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas")
+COMMAND_LINE_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", *MuonOptions().group_settings())
 
 
 def command_line_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

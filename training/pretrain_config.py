@@ -25,7 +25,7 @@ from glade.hardware import MIXED_PRECISION_CHOICES
 
 from .data import default_cache_dir
 from .kernel_choice import CANDIDATES
-from .optim import DEFAULT_MUON_LR, OPTIMIZERS
+from .optim import DEFAULT_MUON_LR, OPTIMIZERS, MuonOptions, check_muon_options
 
 MODEL_SOURCES = ("preset", "config", "init_from")
 # Rules a value must meet, as (test, description); each is written so that NaN fails it.
@@ -87,6 +87,12 @@ class PretrainConfig:
     lr: float = option(TRAINING, "AdamW's peak learning rate", 6e-4, rule=POSITIVE)
     muon_lr: float = option(TRAINING, "Muon's peak learning rate, with --optimizer muon", DEFAULT_MUON_LR,
                             rule=POSITIVE)
+    polar_express: bool = option(TRAINING, "Muon orthogonalises with Polar Express's five polynomials, one per step, "
+                                 "instead of torch's one quintic", False)
+    normuon: bool = option(TRAINING, "NorMuon: Muon scales each neuron's update by a running RMS of it (state that "
+                           "checkpoints carry)", False)
+    cautious_weight_decay: bool = option(TRAINING, "Muon decays a weight only where its update also moves it "
+                                         "towards zero", False)
     min_lr: float | None = option(TRAINING, "AdamW's learning rate at the end (default: lr / 10); Muon's ends at the "
                                   "same fraction of --muon-lr", None)
     warmup_steps: int | None = option(TRAINING, "linear warmup (default: 5%% of max steps)", None, rule=NOT_NEGATIVE)
@@ -125,6 +131,10 @@ class PretrainConfig:
     hub_model_id: str | None = option(EXPORT, "ORG/NAME of the Hub repository", None)
     hub_private: bool = option(EXPORT, "create the Hub repository as private", False)
 
+    @property
+    def muon_options(self) -> MuonOptions:
+        return MuonOptions(self.polar_express, self.normuon, self.cautious_weight_decay)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PretrainConfig:
         """The config of parsed command-line arguments (flags not given take the defaults above)."""
@@ -154,6 +164,7 @@ class PretrainConfig:
                 raise ValueError(f"{flag_name(field)} must be one of {', '.join(choices)}, got {value}")
             if rule is not None and not rule[0](value):
                 raise ValueError(f"{flag_name(field)} must be {rule[1]}, got {value}")
+        check_muon_options(self.optimizer, self.muon_options)
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
         if parse_shard_size(self.max_shard_size) <= 0:

@@ -159,7 +159,7 @@ def prepare_training(config: PretrainConfig, model_config: PreTrainedConfig, acc
             model.set_attn_implementation(attention)
     optimizer = make_optimizer(
         model, config.optimizer, config.lr, config.weight_decay, (config.beta1, config.beta2),
-        fused=distributed.can_fuse_optimizer(accelerator), muon_lr=config.muon_lr,
+        fused=distributed.can_fuse_optimizer(accelerator), muon_lr=config.muon_lr, muon_options=config.muon_options,
     )
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr / config.lr)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

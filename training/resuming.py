@@ -36,6 +36,7 @@ class TrainerState:
     optimizer: str
     architecture: dict[str, Any]
     ema_decay: float = 0.0
+    normuon: bool = False
 
     @classmethod
     def start(
@@ -52,6 +53,7 @@ class TrainerState:
             optimizer=config.optimizer,
             architecture=architecture(model_config),
             ema_decay=config.ema_decay,
+            normuon=config.normuon,
         )
 
 
@@ -116,6 +118,10 @@ def resume(
         # The average is a checkpointed object: a run with and one without it hold different state.
         raise ValueError(f"cannot resume from {path}: it was trained with --ema-decay {averaged}, not "
                          f"--ema-decay {expected.ema_decay}")
+    if saved.get("normuon", False) != expected.normuon:
+        # NorMuon's running mean squares are optimizer state: a run with and one without them hold different state.
+        trained = "with" if saved.get("normuon", False) else "without"
+        raise ValueError(f"cannot resume from {path}: it was trained {trained} --normuon; resume it the same way")
     if saved["max_steps"] != expected.max_steps:
         logger.warning("max_steps changed from %s to %s: the learning-rate schedule changes",
                        saved["max_steps"], expected.max_steps)

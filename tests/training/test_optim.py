@@ -13,11 +13,14 @@ from glade import GladeConfig, GladeForCausalLM
 from glade.cli import main as glade_main
 from glade.training.optim import (
     BlockwiseMuon,
+    MuonOptions,
     OptimizerFamilies,
     check_optimizer_fits,
     make_optimizer,
     make_scheduler,
+    polar_express,
 )
+from glade.training.pretrain_config import PretrainConfig
 
 WIDTH = 64
 
@@ -137,6 +140,93 @@ def test_an_unsplit_matrix_is_updated_exactly_as_by_torch_muon(shape):
     assert ours.equal(torchs)
 
 
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The exact orthogonal factor U V^T of `matrix`'s SVD."""
+    u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(2 * WIDTH, WIDTH), (WIDTH, 2 * WIDTH)], ids=["tall", "wide"])
+def test_polar_express_orthogonalises_closer_than_torchs_newton_schulz(shape):
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    torch.manual_seed(0)
+    # A gradient-like spectrum: a few large directions over many small ones.
+    matrix = torch.randn(shape) + 10 * torch.randn(shape[0], 2) @ torch.randn(2, shape[1])
+    exact = polar_factor(matrix)
+    ours = polar_express(matrix, eps=1e-7)
+    torchs = _zeropower_via_newtonschulz(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    assert ours.shape == matrix.shape and ours.dtype == torch.bfloat16
+    error = lambda result: ((result.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    singular_values = torch.linalg.svdvals(ours.double())
+    assert 0.8 < singular_values.min() and singular_values.max() < 1.2
+    assert error(ours) < 0.3 and error(ours) < error(torchs), (error(ours), error(torchs))
+
+
+@pytest.mark.parametrize("shape", [(2 * WIDTH, WIDTH), (WIDTH, 2 * WIDTH)], ids=["tall", "wide"])
+def test_normuon_gives_every_neuron_the_same_update_rms_at_the_update_s_own_norm(shape):
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    # Rows (or columns) of very different scales: plain Muon's update leaves their RMS unequal.
+    grad = torch.randn(shape) * torch.logspace(-2, 1, max(shape)).reshape((-1, 1) if shape[0] > shape[1] else (1, -1))
+    settings = dict(lr=1.0, weight_decay=0.0, adjust_lr_fn="original")
+    plain = after_steps(lambda param: BlockwiseMuon([{"params": [param]}], **settings), weight, [grad])
+    normed = after_steps(lambda param: BlockwiseMuon([{"params": [param]}], MuonOptions(normuon=True), **settings),
+                         weight, [grad])
+    plain_update, normed_update = weight - plain, weight - normed
+    neuron_rms = lambda update: update.square().mean(dim=1 if shape[0] > shape[1] else 0).sqrt()  # noqa: E731
+    assert neuron_rms(plain_update).std() / neuron_rms(plain_update).mean() > 0.05
+    torch.testing.assert_close(neuron_rms(normed_update), neuron_rms(normed_update).mean().expand(max(shape)),
+                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(normed_update.norm(), plain_update.float().norm(), rtol=1e-4, atol=0)
+
+
+def test_cautious_weight_decay_decays_only_where_the_update_shrinks_the_weight_too():
+    torch.manual_seed(0)
+    weight, grad = torch.randn(WIDTH, WIDTH), torch.randn(WIDTH, WIDTH)
+    settings = dict(lr=0.02, weight_decay=0.5)
+    undecayed = after_steps(lambda param: BlockwiseMuon([{"params": [param]}], lr=0.02, weight_decay=0.0), weight,
+                            [grad])
+    decayed = after_steps(lambda param: BlockwiseMuon([{"params": [param]}], **settings), weight, [grad])
+    cautious = after_steps(lambda param: BlockwiseMuon([{"params": [param]}], MuonOptions(cautious_weight_decay=True),
+                                                       **settings), weight, [grad])
+    update = weight - undecayed  # lr x the orthogonalised update, which a step subtracts
+    shrinks = update * weight >= 0
+    assert 0.3 < shrinks.float().mean() < 0.7
+    torch.testing.assert_close(cautious, torch.where(shrinks, decayed, undecayed), rtol=0, atol=1e-6)
+    assert not torch.equal(cautious, decayed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [MuonOptions(polar_express=True), MuonOptions(True, True, True)],
+                         ids=["polar-express", "all"])
+def test_refined_muon_updates_a_fused_projection_as_separate_matrices(options):
+    torch.manual_seed(0)
+    sizes = (WIDTH, WIDTH // 4, WIDTH // 4)
+    weight = torch.randn(sum(sizes), WIDTH) / WIDTH**0.5
+    grads = [torch.randn_like(weight) for _ in range(3)]
+    split = after_steps(lambda param: BlockwiseMuon([{"params": [param], "fused_output_sizes": sizes}], options,
+                                                    lr=0.02, weight_decay=0.1), weight, grads)
+    blocks = [nn.Parameter(block.clone()) for block in weight.split(sizes)]
+    reference = BlockwiseMuon([{"params": [block]} for block in blocks], options, lr=0.02, weight_decay=0.1)
+    for grad in grads:
+        for block, block_grad in zip(blocks, grad.split(sizes)):
+            block.grad = block_grad.clone()
+        reference.step()
+    assert split.equal(torch.cat([block.detach() for block in blocks]))
+
+
+def test_muon_refinements_are_refused_without_muon(base_options):
+    for flag in ("polar_express", "normuon", "cautious_weight_decay"):
+        with pytest.raises(ValueError, match="refine Muon: they need --optimizer muon"):
+            PretrainConfig(**base_options, max_steps=2, **{flag: True})
+        with pytest.raises(ValueError, match="refine Muon: they need --optimizer muon"):
+            make_optimizer(tiny_model(), "adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=False,
+                           muon_options=MuonOptions(**{flag: True}))
+    PretrainConfig(**base_options, max_steps=2, optimizer="muon", polar_express=True, normuon=True,
+                   cautious_weight_decay=True)
+
+
 def test_a_split_that_does_not_cover_the_rows_is_refused():
     with pytest.raises(ValueError, match=r"fused_output_sizes \(64, 16\) do not add up to the 96 rows"):
         BlockwiseMuon([{"params": [nn.Parameter(torch.zeros(96, 64))], "fused_output_sizes": (64, 16)}])
@@ -177,8 +267,12 @@ def read_jsonl(path):
 
 
 @pytest.mark.slow
-def test_pretraining_with_muon_lowers_the_loss_and_records_the_optimizer(base_options, argv, capsys, fresh_accelerate):
-    options = {**base_options, "max_steps": 30, "optimizer": "muon", "muon_lr": 0.02, "save_every": 30}
+@pytest.mark.parametrize("refinements", [{}, {"polar_express": True, "normuon": True, "cautious_weight_decay": True}],
+                         ids=["muon", "refined"])
+def test_pretraining_with_muon_lowers_the_loss_and_records_the_optimizer(
+    refinements, base_options, argv, capsys, fresh_accelerate
+):
+    options = {**base_options, "max_steps": 30, "optimizer": "muon", "muon_lr": 0.02, "save_every": 30, **refinements}
     assert glade_main(["pretrain", *argv(options)]) == 0
     output = options["output_dir"]
     records = read_jsonl(output / "metrics.jsonl")
@@ -186,6 +280,8 @@ def test_pretraining_with_muon_lowers_the_loss_and_records_the_optimizer(base_op
     assert val_loss < first_loss - 0.7, (first_loss, val_loss)
     card = (output / "final" / "README.md").read_text()
     assert "| optimizer | muon |" in card and "| muon_lr | 0.02 |" in card
+    assert all(f"| {name} | True |" in card for name in refinements)
+    assert refinements or "normuon" not in card
 
     # The checkpoint holds both families' state: AdamW's for each of its parameters, Muon's momentum for every
     # block matrix.
@@ -198,8 +294,9 @@ def test_pretraining_with_muon_lowers_the_loss_and_records_the_optimizer(base_op
     momenta = [state["momentum_buffer"] for state in muon_state["state"].values()]
     assert len(momenta) == len(block_matrices) and all(momentum.abs().sum() > 0 for momentum in momenta)
 
-    # The checkpoint holds Muon's state: continuing it with AdamW is refused, not misread.
+    # The checkpoint holds Muon's state: continuing it with AdamW (the default) is refused, not misread.
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        glade_main(["pretrain", *argv({**options, "optimizer": "adamw", "max_steps": 40, "resume": "latest"})])
+        continued = {**base_options, "output_dir": options["output_dir"], "max_steps": 40, "resume": "latest"}
+        glade_main(["pretrain", *argv(continued)])
     assert "it holds the state of --optimizer muon, not of --optimizer adamw" in capsys.readouterr().err

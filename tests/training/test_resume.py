@@ -46,15 +46,21 @@ def wait_for(condition, process, what, timeout=120):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("optimizer, ema_decay", [("adamw", 0.0), ("muon", 0.0), ("adamw", 0.9)],
-                         ids=["adamw", "muon", "adamw-ema"])
+REFINED_MUON = {"optimizer": "muon", "polar_express": True, "normuon": True, "cautious_weight_decay": True}
+
+
+@pytest.mark.parametrize(
+    "training",
+    [{"optimizer": "adamw"}, {"optimizer": "muon"}, {"optimizer": "adamw", "ema_decay": 0.9}, REFINED_MUON],
+    ids=["adamw", "muon", "adamw-ema", "muon-refined"],
+)
 def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
-    optimizer, ema_decay, base_options, argv, pretrain_subprocess, training_env, tmp_path
+    training, base_options, argv, pretrain_subprocess, training_env, tmp_path
 ):
     # Dropout on, so the resumed run must also restore the RNG states to match. With --ema-decay, final/ is the
-    # weight average, which the checkpoint must carry.
+    # weight average, and with --normuon the optimizer holds running mean squares: the checkpoint must carry both.
     options = {**base_options, "max_steps": 2 * N, "save_every": N, "keep_last": 0, "eval_every": N,
-               "dropout": 0.1, "mixed_precision": "bf16", "optimizer": optimizer, "ema_decay": ema_decay}
+               "dropout": 0.1, "mixed_precision": "bf16", **training}
     straight = tmp_path / "straight"
     pretrain_subprocess({**options, "output_dir": straight})
 
@@ -271,6 +277,15 @@ def test_the_recorded_architecture_holds_the_rotation_and_older_records_still_ma
 def test_resume_refuses_a_changed_weight_average(saved_at_step_2, argv, capsys):
     line = refusal({**saved_at_step_2, "ema_decay": 0.99}, argv, capsys)
     assert "it was trained with --ema-decay 0.0, not --ema-decay 0.99" in line
+
+
+def test_resume_refuses_to_add_or_drop_normuon_state(saved_at_step_2, argv, capsys):
+    checkpoint = saved_at_step_2["output_dir"] / "checkpoint-2"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "optimizer": "muon"}))
+    regenerate_manifest(checkpoint)
+    line = refusal({**saved_at_step_2, "optimizer": "muon", "normuon": True}, argv, capsys)
+    assert "it was trained without --normuon; resume it the same way" in line
 
 
 def regenerate_manifest(checkpoint) -> None:
