@@ -157,7 +157,7 @@ def test_polar_express_orthogonalises_closer_than_torchs_newton_schulz(shape):
     ours = polar_express(matrix, eps=1e-7)
     torchs = _zeropower_via_newtonschulz(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7)
     assert ours.shape == matrix.shape and ours.dtype == torch.bfloat16
-    error = lambda result: ((result.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    error = lambda result: ((result.double() - exact).norm() / exact.norm()).item()
     singular_values = torch.linalg.svdvals(ours.double())
     assert 0.8 < singular_values.min() and singular_values.max() < 1.2
     assert error(ours) < 0.3 and error(ours) < error(torchs), (error(ours), error(torchs))
@@ -174,7 +174,7 @@ def test_normuon_gives_every_neuron_the_same_update_rms_at_the_update_s_own_norm
     normed = after_steps(lambda param: BlockwiseMuon([{"params": [param]}], MuonOptions(normuon=True), **settings),
                          weight, [grad])
     plain_update, normed_update = weight - plain, weight - normed
-    neuron_rms = lambda update: update.square().mean(dim=1 if shape[0] > shape[1] else 0).sqrt()  # noqa: E731
+    neuron_rms = lambda update: update.square().mean(dim=1 if shape[0] > shape[1] else 0).sqrt()
     assert neuron_rms(plain_update).std() / neuron_rms(plain_update).mean() > 0.05
     torch.testing.assert_close(neuron_rms(normed_update), neuron_rms(normed_update).mean().expand(max(shape)),
                                rtol=1e-3, atol=0)
