@@ -352,6 +352,8 @@ def add_gpt_neox_hparams(writer: GGUFWriter, config: GladeConfig) -> None:
 TANH_GELU_ONLY = {"activation_function": ("gelu_new",)}
 # Only nanochat's family normalises the embeddings and has norms without gains.
 GAINED_NORMS = {"norm_gain": (True,), "embedding_norm": (False,)}
+# No stock family mixes the embeddings back into each block's input, or adds value embeddings.
+PLAIN_RESIDUALS = {"residual_lambdas": (False,), "value_embeddings": (False,)}
 LLAMA_EXPRESSES = {
     "positions": ("rotary",),
     "norm": ("rmsnorm",),
@@ -359,6 +361,7 @@ LLAMA_EXPRESSES = {
     "activation_function": ("swiglu",),
     "logit_softcap": (None,),
     **GAINED_NORMS,
+    **PLAIN_RESIDUALS,
     "rope_type": TRANSFORMERS_ROPE_TYPES,
     "partial_rotary_factor": (1.0,),  # Llama and Qwen3 rotate every channel of a head
 }
@@ -378,6 +381,7 @@ FAMILIES: dict[str, ExportFamily] = {
             "bias": (True,),  # its Conv1D projections and LayerNorms always carry biases
             "n_kv_head": without_grouped_query_attention,
             **GAINED_NORMS,
+            **PLAIN_RESIDUALS,
         },
         picked_by=("positions",),
         build_config=gpt2_config,
@@ -396,6 +400,7 @@ FAMILIES: dict[str, ExportFamily] = {
             "bias": (True,),  # its LayerNorms and MLP always carry biases
             "n_kv_head": without_grouped_query_attention,
             **GAINED_NORMS,
+            **PLAIN_RESIDUALS,
             "rope_type": TRANSFORMERS_ROPE_TYPES,  # and any partial_rotary_factor, which GPT-NeoX introduced
         },
         picked_by=("positions", "norm"),
@@ -441,6 +446,7 @@ FAMILIES: dict[str, ExportFamily] = {
             "activation_function": ("relu2",),
             "bias": (False,),
             "tie_word_embeddings": (False,),
+            **PLAIN_RESIDUALS,
             "rope_type": TRANSFORMERS_ROPE_TYPES,
             "partial_rotary_factor": (1.0,),
         },  # with any soft cap and grouped-query attention

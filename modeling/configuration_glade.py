@@ -53,6 +53,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# nanochat's gate reads the first 32 channels of the block's input: enough to modulate, cheap to compute.
+VALUE_GATE_CHANNELS = 32
+
+
 class GladeConfig(PreTrainedConfig):
     r"""
     Configuration of a Glade model. Defaults reproduce GPT-2 124M.
@@ -87,6 +91,12 @@ class GladeConfig(PreTrainedConfig):
             written as `final_logit_softcapping`, the name Gemma 2, NanoChat and vLLM's transformers backend use.
         zero_init: start every residual-output projection (and an untied output head) at zero, so each block begins
             as the identity and the first logits are uniform.
+        residual_lambdas: two learned scalars per block mix its input from the residual stream and the embeddings
+            (x = resid_lambdas[i] * x + x0_lambdas[i] * x0), as nanochat and modded-nanogpt do; they start at 1 and 0,
+            where the model is a plain transformer.
+        value_embeddings: ResFormer-style value embeddings (nanochat): every other block, ending with the last, adds
+            a learned embedding of each token to its attention values, scaled per key/value head by a gate
+            2 sigmoid(W x[:32]) that starts at 1. The model then reads `input_ids`, not `inputs_embeds`.
     """
 
     model_type = "glade"
@@ -144,6 +154,8 @@ class GladeConfig(PreTrainedConfig):
     n_kv_head: int | None = None
     logit_softcap: float | None = None
     zero_init: bool = False
+    residual_lambdas: bool = False
+    value_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         # Canonical names (hidden_size=..., num_attention_heads=...) arrive in kwargs: set them before the defaults
@@ -194,6 +206,18 @@ class GladeConfig(PreTrainedConfig):
         return int(self.n_embd // self.n_head * factor)
 
     @property
+    def value_embedding_layers(self) -> tuple[int, ...]:
+        """The blocks with a value embedding: every other one, ending with the last (none without the option)."""
+        if not self.value_embeddings:
+            return ()
+        return tuple(range((self.n_layer - 1) % 2, self.n_layer, 2))
+
+    @property
+    def value_gate_channels(self) -> int:
+        """The leading channels of a block's normalised input that its value-embedding gate reads."""
+        return min(VALUE_GATE_CHANNELS, self.n_embd)
+
+    @property
     def context_length(self) -> int:
         """The longest sequence the model is meant to read: n_positions, times a RoPE scaling factor where one is
         set (rotary positions have no table to run out of; a learned table ends at n_positions)."""
@@ -223,7 +247,10 @@ class GladeConfig(PreTrainedConfig):
             # NaN fails no comparison, so the range checks below would let it through.
             if not math.isfinite(value):
                 raise ValueError(f"GladeConfig.{name} must be a finite number, got {value}")
-        for name in ("bias", "tie_word_embeddings", "qk_norm", "zero_init", "norm_gain", "embedding_norm"):
+        for name in (
+            "bias", "tie_word_embeddings", "qk_norm", "zero_init", "norm_gain", "embedding_norm", "residual_lambdas",
+            "value_embeddings",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GladeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         cap = self.logit_softcap

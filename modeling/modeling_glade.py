@@ -221,6 +221,9 @@ class GladeAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        if layer_idx in config.value_embedding_layers:
+            self.ve_gate = nn.Linear(config.value_gate_channels, config.n_kv_head, bias=False)
+            self.ve_gate.is_value_gate = True
 
     def forward(
         self,
@@ -228,6 +231,7 @@ class GladeAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        value_embedding: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -235,6 +239,9 @@ class GladeAttention(nn.Module):
         query, key, value = (
             states.view(hidden_shape) for states in self.c_attn(hidden_states).split(self.qkv_sizes, dim=-1)
         )
+        if value_embedding is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(hidden_states[..., : self.ve_gate.in_features]))
+            value = value + gate.unsqueeze(-1) * value_embedding.view(hidden_shape)
         if self.config.qk_norm and not self.qk_norm_after_rope:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -309,6 +316,7 @@ class GladeBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        value_embedding: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.attn(
@@ -316,6 +324,7 @@ class GladeBlock(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
+            value_embedding=value_embedding,
             **kwargs,
         )
         hidden_states = hidden_states + attn_output
@@ -353,6 +362,11 @@ class GladePreTrainedModel(PreTrainedModel):
                 init.normal_(module.weight, mean=0.0, std=std)
         elif getattr(module, "is_output_head", False) and self.config.zero_init and not self.config.tie_word_embeddings:
             init.zeros_(module.weight)  # uniform first predictions; a tied head is the embedding and keeps its init
+        elif getattr(module, "is_value_gate", False):
+            init.zeros_(module.weight)  # a gate of 2 sigmoid(0) = 1: the value embeddings enter at full weight
+        elif isinstance(module, GladeModel) and self.config.residual_lambdas:
+            init.ones_(module.resid_lambdas)
+            init.zeros_(module.x0_lambdas)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -391,6 +405,13 @@ class GladeModel(GladePreTrainedModel):
             self.ln_emb = make_norm(config)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GladeBlock(config, layer_idx) for layer_idx in range(config.n_layer)])
+        kv_size = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict(
+            {str(layer_idx): nn.Embedding(config.vocab_size, kv_size) for layer_idx in config.value_embedding_layers}
+        )
+        if config.residual_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.ln_f = make_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -416,6 +437,8 @@ class GladeModel(GladePreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds (got both or neither)")
+        if self.config.value_embeddings and input_ids is None:
+            raise ValueError("This model's value embeddings look up each token's id: pass input_ids, not inputs_embeds")
         # Continuous batching's PagedAttentionCache is no Cache: it has no length, and it passes every position.
         past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -446,12 +469,16 @@ class GladeModel(GladePreTrainedModel):
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         if self.config.embedding_norm:
             inputs_embeds = self.ln_emb(inputs_embeds)
-        hidden_states = self.drop(inputs_embeds)
-        for block in self.h:
+        hidden_states = x0 = self.drop(inputs_embeds)
+        for layer_idx, block in enumerate(self.h):
+            if self.config.residual_lambdas:
+                hidden_states = self.resid_lambdas[layer_idx] * hidden_states + self.x0_lambdas[layer_idx] * x0
+            table = self.value_embeds[str(layer_idx)] if str(layer_idx) in self.value_embeds else None
             hidden_states = block(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
+                value_embedding=None if table is None else table(input_ids),
                 position_ids=position_ids,  # flash attention finds packed sequences in them
                 cache=cache,
                 **kwargs,

@@ -29,6 +29,8 @@ class ParameterCount:
     block_attention: Component
     block_mlp: Component
     n_layer: int
+    residual_lambdas: Component
+    value_embeddings: Component
     final_norm: Component
     head: Component
 
@@ -43,7 +45,8 @@ class ParameterCount:
     @property
     def total(self) -> int:
         embeddings = self.token_embedding.count + self.position_embedding.count + self.embedding_norm.count
-        return embeddings + self.blocks + self.final_norm.count + self.head.count
+        extras = self.residual_lambdas.count + self.value_embeddings.count
+        return embeddings + self.blocks + extras + self.final_norm.count + self.head.count
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> tuple[str, int]:
@@ -88,6 +91,21 @@ def _mlp(config: GladeConfig) -> Component:
     return _sum_of("MLP (c_fc, c_proj)", _linear(width, inner, bias), _linear(inner, width, bias))
 
 
+def _value_embeddings(config: GladeConfig) -> Component:
+    """The tables of the blocks with value embeddings, and their gates (kept apart from the per-block components:
+    only every other block has them)."""
+    layers = len(config.value_embedding_layers)
+    if not layers:
+        return Component("value embeddings", "none", 0)
+    kv_size = config.n_kv_head * (config.n_embd // config.n_head)
+    (table, table_count), (gate, gate_count) = (
+        _linear(config.vocab_size, kv_size, bias=False),
+        _linear(config.value_gate_channels, config.n_kv_head, bias=False),
+    )
+    return Component("value embeddings (value_embeds, attn.ve_gate)", f"{layers} x ({table} + {gate})",
+                     layers * (table_count + gate_count))
+
+
 def count_parameters(config: GladeConfig) -> ParameterCount:
     """Count the parameters a `GladeForCausalLM` built from `config` has, without building it."""
     width = config.n_embd
@@ -117,6 +135,9 @@ def count_parameters(config: GladeConfig) -> ParameterCount:
         block_attention=_attention(config),
         block_mlp=_mlp(config),
         n_layer=config.n_layer,
+        residual_lambdas=Component("residual lambdas (resid, x0)", f"2 x {config.n_layer}", 2 * config.n_layer)
+        if config.residual_lambdas else Component("residual lambdas", "none", 0),
+        value_embeddings=_value_embeddings(config),
         final_norm=Component("final norm (ln_f)", norm_formula, norm_count),
         head=head,
     )
@@ -147,6 +168,10 @@ def format_parameter_table(counted: ParameterCount) -> str:
         ),
         ("  block total", f"{counted.per_block:,}"),
         (f"{counted.n_layer} blocks", f"{counted.n_layer} x {counted.per_block:,} = {counted.blocks:,}"),
+        *(
+            (part.name, f"{part.formula} = {part.count:,}")
+            for part in (counted.residual_lambdas, counted.value_embeddings) if part.count
+        ),
         (counted.final_norm.name, f"{counted.final_norm.formula} = {counted.final_norm.count:,}"),
         (counted.head.name, f"{counted.head.formula} = {counted.head.count:,}"),
         ("total", f"{counted.total:,} ({format_count(counted.total)})"),

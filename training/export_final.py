@@ -103,6 +103,7 @@ def write_card(model_dir: Path, config: PretrainConfig, source: TextSource, loss
         training_args={name: values[name] for name in CARD_FIELDS}
         | ({"muon_lr": config.muon_lr} if config.optimizer == "muon" else {})
         | {name: True for name, on in asdict(config.muon_options).items() if on}
+        | ({"weight_decay_schedule": "linear"} if config.weight_decay_schedule == "linear" else {})
         | ({"ema_decay": config.ema_decay} if config.ema_decay else {}),
         loss_curve_png=loss_curve,
     )

@@ -282,17 +282,54 @@ def check_optimizer_fits(name: str, distributed_type: DistributedType) -> None:
                          "processes: use DDP or --optimizer adamw")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float):
+WEIGHT_DECAY_SCHEDULES = ("constant", "linear")
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """The learning-rate schedule, and with `decay_lambda` a weight-decay schedule in step with it: each group's
+    weight decay is its `initial_weight_decay` times `decay_lambda(step)`, set whenever the lr is."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float],
+                 decay_lambda: Callable[[int], float] | None = None):
+        self.decay_lambda = decay_lambda
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+        super().__init__(optimizer, lr_lambda)
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        self.set_weight_decay()
+
+    def set_weight_decay(self) -> None:
+        if self.decay_lambda is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = group["initial_weight_decay"] * self.decay_lambda(self.last_epoch)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr_ratio: float,
+    weight_decay_schedule: str = "constant",
+) -> Schedule:
     """Linear warmup to each group's own lr, then half a cosine down to `min_lr_ratio` of it at `max_steps`:
-    AdamW's and Muon's learning rates follow the same curve, each scaled to its own peak."""
-    return get_cosine_with_min_lr_schedule_with_warmup(
+    AdamW's and Muon's learning rates follow the same curve, each scaled to its own peak. `weight_decay_schedule`
+    "linear" takes every group's weight decay down linearly from its own value at step 0 to zero at `max_steps`
+    (nanochat's schedule); "constant" leaves it."""
+    cosine = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio
     )
+    decay = (lambda step: max(0.0, 1 - step / max_steps)) if weight_decay_schedule == "linear" else None
+    return Schedule(optimizer, cosine.lr_lambdas[0], decay)
 
 
 # What the command line sets in a param group (the peak learning rate as the scheduler's `initial_lr`), which a
 # resumed run takes from its command line rather than from the checkpoint's optimizer state.
-COMMAND_LINE_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", *MuonOptions().group_settings())
+COMMAND_LINE_HYPERPARAMETERS = (
+    "initial_lr", "weight_decay", "initial_weight_decay", "betas", *MuonOptions().group_settings()
+)
 
 
 def command_line_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -302,13 +339,13 @@ def command_line_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[
     ]
 
 
-def restore_hyperparameters(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, saved: list[dict[str, Any]]
-) -> None:
+def restore_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Schedule, saved: list[dict[str, Any]]) -> None:
     """Put back what `command_line_hyperparameters` returned: the peak learning rates (also the scheduler's base),
-    weight decay and betas; and set each group's learning rate to its place on the schedule at the restored step."""
+    weight decay and betas; and set each group's learning rate (and scheduled weight decay) to its place on the
+    schedule at the restored step."""
     for group, values in zip(optimizer.param_groups, saved, strict=True):
         group.update(values)
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler.set_weight_decay()

@@ -25,7 +25,7 @@ from glade.hardware import MIXED_PRECISION_CHOICES
 
 from .data import default_cache_dir
 from .kernel_choice import CANDIDATES
-from .optim import DEFAULT_MUON_LR, OPTIMIZERS, MuonOptions, check_muon_options
+from .optim import DEFAULT_MUON_LR, OPTIMIZERS, WEIGHT_DECAY_SCHEDULES, MuonOptions, check_muon_options
 
 MODEL_SOURCES = ("preset", "config", "init_from")
 # Rules a value must meet, as (test, description); each is written so that NaN fails it.
@@ -98,6 +98,8 @@ class PretrainConfig:
     warmup_steps: int | None = option(TRAINING, "linear warmup (default: 5%% of max steps)", None, rule=NOT_NEGATIVE)
     weight_decay: float = option(TRAINING, "decoupled weight decay of the weight matrices, for AdamW and Muon alike: "
                                  "each step shrinks them by their lr x this", 0.1, rule=NOT_NEGATIVE)
+    weight_decay_schedule: str = option(TRAINING, "constant, or linear: the weight decay falls linearly to zero at "
+                                        "--max-steps (nanochat)", "constant", choices=WEIGHT_DECAY_SCHEDULES)
     beta1: float = option(TRAINING, "decay of the gradient's running mean (AdamW)", 0.9, rule=A_FRACTION)
     beta2: float = option(TRAINING, "decay of the squared gradient's running mean (AdamW)", 0.95,
                           rule=A_FRACTION)

@@ -161,7 +161,9 @@ def prepare_training(config: PretrainConfig, model_config: PreTrainedConfig, acc
         model, config.optimizer, config.lr, config.weight_decay, (config.beta1, config.beta2),
         fused=distributed.can_fuse_optimizer(accelerator), muon_lr=config.muon_lr, muon_options=config.muon_options,
     )
-    scheduler = make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr / config.lr)
+    scheduler = make_scheduler(
+        optimizer, config.warmup_steps, config.max_steps, config.min_lr / config.lr, config.weight_decay_schedule
+    )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed sizes its engine from a prepared DataLoader; Glade's loaders are built per step and rank.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size

@@ -12,6 +12,8 @@ from typing import Any
 from accelerate import Accelerator
 from transformers import PreTrainedConfig
 
+from glade.configuration_glade import GladeConfig
+
 from .checkpointing import TRAINER_STATE, CheckpointError, find_checkpoint, read_trainer_state, set_aside_later_saves
 from .distributed import main_process_decides
 from .output_dir import FINAL_DIR
@@ -74,8 +76,11 @@ def architecture(model_config: PreTrainedConfig) -> dict[str, Any]:
     return json.loads(json.dumps(values))
 
 
-def with_rope_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """An architecture recorded before rotary configs carried `partial_rotary_factor` (1.0: every channel rotates)."""
+def with_later_defaults(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """An architecture recorded before some of `current`'s GladeConfig fields, or rotary configs' `partial_rotary_factor`
+    (1.0: every channel rotates), existed: those at their defaults, which is what the model computed then."""
+    defaults = {field.name: field.default for field in fields(GladeConfig)}
+    saved = {**{name: defaults[name] for name in current.keys() - saved.keys() if name in defaults}, **saved}
     rope = saved.get("rope_parameters")
     if isinstance(rope, dict):
         return {**saved, "rope_parameters": {"partial_rotary_factor": 1.0, **rope}}
@@ -148,7 +153,7 @@ def check_same_architecture(path: Path, saved: dict[str, Any] | None, current: d
     Checkpoints from before the architecture was recorded are not checked."""
     if saved is None:
         return
-    saved = with_rope_defaults(saved)
+    saved = with_later_defaults(saved, current)
     changed = [f"{name} was {saved.get(name)!r}, now {current.get(name)!r}"
                for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
     if changed:

@@ -111,6 +111,10 @@ def test_saved_config_reads_back_as_the_glade_config(tmp_path, target):
     (dict(LLAMA, norm_gain=False), "norm_gain=False, which LlamaForCausalLM"),
     (dict(ROTARY, embedding_norm=True), "embedding_norm=True, which GPTNeoXForCausalLM"),
     ({"norm_gain": False}, "norm_gain=False, which GPT-2"),
+    (dict(LLAMA, residual_lambdas=True), "residual_lambdas=True, which LlamaForCausalLM"),
+    (dict(NANOCHAT, residual_lambdas=True, value_embeddings=True),
+     "residual_lambdas=True, value_embeddings=True, which NanoChatForCausalLM"),
+    ({"value_embeddings": True}, "value_embeddings=True, which GPT-2"),
 ])
 def test_a_config_no_stock_class_expresses_is_refused_by_name(options, message):
     with pytest.raises(ValueError, match=f"Glade config uses {message} cannot express"):

@@ -27,6 +27,9 @@ CONFIGS = {
                      "qk_norm": True, "activation_function": "relu2", "bias": False, "tie_word_embeddings": False},
         "layernorm without gains, embedding norm": {"norm_gain": False, "embedding_norm": True},
         "embedding norm with a gain": {"embedding_norm": True},
+        "residual lambdas": {"residual_lambdas": True, "n_layer": 3},
+        "value embeddings, odd depth": {"value_embeddings": True, "n_layer": 3},
+        "value embeddings, gqa": {"value_embeddings": True, "n_layer": 4, "n_kv_head": 1},
     }.items()},
 }
 
@@ -38,8 +41,10 @@ def _component_of(name: str) -> str:
         (r"transformer\.wpe\.", "position_embedding"),
         (r"transformer\.ln_emb\.", "embedding_norm"),
         (r"transformer\.h\.\d+\.ln_[12]\.", "block_layer_norms"),
+        (r"transformer\.(value_embeds\.\d+|h\.\d+\.attn\.ve_gate)\.", "value_embeddings"),  # before the rest of attention
         (r"transformer\.h\.\d+\.attn\.", "block_attention"),
         (r"transformer\.h\.\d+\.mlp\.", "block_mlp"),
+        (r"transformer\.(resid|x0)_lambdas$", "residual_lambdas"),
         (r"transformer\.ln_f\.", "final_norm"),
         (r"lm_head\.", "head"),
     ):

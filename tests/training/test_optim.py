@@ -253,6 +253,24 @@ def test_both_families_warm_up_and_decay_to_the_same_fraction_of_their_own_peak(
     assert curve[20] == pytest.approx(0.1) and all(a > b for a, b in zip(curve[4:], curve[5:]))
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_a_linear_weight_decay_schedule_falls_to_zero_in_step_with_the_learning_rate(schedule):
+    model = tiny_model(tie_word_embeddings=False)  # an untied head: AdamW decays a matrix too
+    optimizer = muon_and_adamw(model)
+    scheduler = make_scheduler(optimizer, warmup_steps=2, max_steps=20, min_lr_ratio=0.1, weight_decay_schedule=schedule)
+    decays = []
+    for step in range(21):
+        decays.append([group["weight_decay"] for group in optimizer.param_groups])
+        if step == 10:  # as accelerate.prepare and load_state do: the groups are replaced, still scheduled
+            optimizer.load_state_dict(optimizer.state_dict())
+        optimizer.step()
+        scheduler.step()
+    initial = decays[0]
+    assert sorted(set(initial)) == [0.0, 0.1]  # the decayed groups of both families, and the undecayed ones
+    factors = [1 - step / 20 for step in range(21)] if schedule == "linear" else [1.0] * 21
+    assert decays == [pytest.approx([value * factor for value in initial]) for factor in factors]
+
+
 @pytest.mark.parametrize("sharded, name", [(DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed")])
 def test_muon_is_refused_where_weight_matrices_are_sharded(sharded, name):
     with pytest.raises(ValueError, match=f"--optimizer muon needs whole weight matrices, but {name} shards them"):

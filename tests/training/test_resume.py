@@ -46,7 +46,8 @@ def wait_for(condition, process, what, timeout=120):
         time.sleep(0.005)
 
 
-REFINED_MUON = {"optimizer": "muon", "polar_express": True, "normuon": True, "cautious_weight_decay": True}
+REFINED_MUON = {"optimizer": "muon", "polar_express": True, "normuon": True, "cautious_weight_decay": True,
+                "weight_decay_schedule": "linear"}
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,8 @@ def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
     training, base_options, argv, pretrain_subprocess, training_env, tmp_path
 ):
     # Dropout on, so the resumed run must also restore the RNG states to match. With --ema-decay, final/ is the
-    # weight average, and with --normuon the optimizer holds running mean squares: the checkpoint must carry both.
+    # weight average, and with --normuon the optimizer holds running mean squares: the checkpoint must carry both;
+    # a scheduled weight decay must resume at its step.
     options = {**base_options, "max_steps": 2 * N, "save_every": N, "keep_last": 0, "eval_every": N,
                "dropout": 0.1, "mixed_precision": "bf16", **training}
     straight = tmp_path / "straight"
@@ -269,6 +271,14 @@ def test_the_recorded_architecture_holds_the_rotation_and_older_records_still_ma
     assert "rope_parameters" not in architecture(GladeConfig())
     before_partial_rotation = {**recorded, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
     check_same_architecture(Path("checkpoint-2"), before_partial_rotation, recorded)
+    # Fields added since (norm_gain, embedding_norm, residual_lambdas) count as their defaults in older records.
+    before_new_fields = {name: value for name, value in recorded.items()
+                         if name not in ("norm_gain", "embedding_norm", "residual_lambdas")}
+    check_same_architecture(Path("checkpoint-2"), before_new_fields, recorded)
+    with_lambdas = architecture(GladeConfig(n_embd=64, n_head=4, positions="rotary", residual_lambdas=True,
+                                            rope_parameters={"rope_theta": 500.0}))
+    with pytest.raises(ValueError, match="residual_lambdas was False, now True"):
+        check_same_architecture(Path("checkpoint-2"), before_new_fields, with_lambdas)
     other_theta = architecture(GladeConfig(n_embd=64, n_head=4, positions="rotary"))
     with pytest.raises(ValueError, match="rope_parameters was .*'rope_theta': 500.0.*now .*'rope_theta': 10000.0"):
         check_same_architecture(Path("checkpoint-2"), recorded, other_theta)
