@@ -8,6 +8,8 @@
    change, so memory stays bounded (a 41 MB book file: 1.0 GB peak instead of 5.5 GB).
 3. `TokenBlocks`: windows of block_size + 1 tokens stepping by block_size, so each token after the first is a
    prediction target exactly once; inputs are window[:-1] and targets window[1:].
+   `DocumentShuffledBlocks` (`--shuffle-documents`) first puts the documents (the spans between `<|endoftext|>`s)
+   in a new order each epoch, so each epoch cuts its blocks at other places.
 4. `StepBatchSampler`: one shuffled order per epoch; each optimizer step takes the next
    batch_size x grad_accum x num_processes blocks of it, and each rank its own disjoint slice. The position in the
    data is therefore a function of the step alone, which is what makes resuming exact.
@@ -409,14 +411,74 @@ class TokenBlocks(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         if not 0 <= index < len(self):
             raise IndexError(f"block {index} out of range [0, {len(self)})")
+        begin = self.start + index * self.block_size
+        window = np.array(self.tokens()[begin : begin + self.block_size + 1], dtype=np.int64)
+        return {"index": index, "tokens": torch.from_numpy(window)}
+
+    def tokens(self) -> np.memmap:
         if self._tokens is None:  # opened lazily so DataLoader workers each map the file themselves
             self._tokens = self.token_file.tokens()
-        begin = self.start + index * self.block_size
-        window = np.array(self._tokens[begin : begin + self.block_size + 1], dtype=np.int64)
-        return {"index": index, "tokens": torch.from_numpy(window)}
+        return self._tokens
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokens": None}
+
+
+# Mixed into the seed of an epoch's document order, so that it is drawn apart from the same epoch's block order.
+DOCUMENT_ORDER_STREAM = 1
+
+
+class DocumentShuffledBlocks(TokenBlocks):
+    """`TokenBlocks` over a stream whose documents (each ending with `eos_token_id`; the last may lack it) are put in
+    a new order each epoch, drawn from (seed, epoch): each epoch cuts its blocks at other places and puts other
+    documents side by side. Item `epoch * len(self) + index` is block `index` of epoch `epoch`'s stream, which holds
+    the same tokens as every other epoch's, so an epoch has as many blocks."""
+
+    def __init__(
+        self, token_file: TokenFile, block_size: int, eos_token_id: int, seed: int, start: int = 0,
+        stop: int | None = None,
+    ):
+        super().__init__(token_file, block_size, start, stop)
+        self.eos_token_id = eos_token_id
+        self.seed = seed
+        self._spans: tuple[np.ndarray, np.ndarray] | None = None  # each document's first token and length
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # an epoch, its order and its documents' ends
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor | int]:
+        if item < 0:
+            raise IndexError(f"item {item} is negative")
+        epoch, index = divmod(item, len(self))
+        starts, lengths = self.document_spans()
+        order, ends = self.epoch_order(epoch)
+        begin, stop = index * self.block_size, (index + 1) * self.block_size + 1
+        pieces = []
+        document = int(np.searchsorted(ends, begin, side="right"))
+        while begin < stop:
+            taken = order[document]
+            offset = begin - (ends[document] - lengths[taken])
+            length = min(stop, ends[document]) - begin
+            pieces.append(self.tokens()[starts[taken] + offset : starts[taken] + offset + length])
+            begin += length
+            document += 1
+        window = np.concatenate(pieces).astype(np.int64)
+        return {"index": item, "tokens": torch.from_numpy(window)}
+
+    def document_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._spans is None:
+            ends = np.flatnonzero(self.tokens()[self.start : self.stop] == self.eos_token_id) + 1
+            if not len(ends) or ends[-1] != self.stop - self.start:
+                ends = np.append(ends, self.stop - self.start)
+            starts = np.concatenate([[0], ends[:-1]])
+            self._spans = (starts + self.start, ends - starts)
+        return self._spans
+
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The documents in epoch `epoch`'s order, and where each ends in its stream."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            _, lengths = self.document_spans()
+            order = np.random.default_rng([self.seed, epoch, DOCUMENT_ORDER_STREAM]).permutation(len(lengths))
+            self._epoch = (epoch, order, np.cumsum(lengths[order]))
+        return self._epoch[1], self._epoch[2]
 
 
 def split_train_val(
@@ -450,7 +512,8 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     [s * G, (s + 1) * G) with G = batch_size * grad_accum * num_processes; within them micro-batch m of rank r is
     the slice starting at ((m * num_processes) + r) * batch_size. So ranks never overlap, every rank gets the same
     number of batches (the remainder of an epoch is dropped), and the blocks of a step do not depend on how the
-    global batch is split into processes and micro-batches.
+    global batch is split into processes and micro-batches. With `epoch_items`, block b of epoch e is yielded as
+    e * num_blocks + b, the item `DocumentShuffledBlocks` reads it from.
     """
 
     def __init__(
@@ -462,6 +525,7 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         process_index: int,
         seed: int,
         start_step: int = 0,
+        epoch_items: bool = False,
     ):
         self.global_batch = batch_size * grad_accum * num_processes
         if num_blocks < self.global_batch:
@@ -477,6 +541,7 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.process_index = process_index
         self.seed = seed
         self.start_step = start_step
+        self.epoch_items = epoch_items
         self.steps_per_epoch = num_blocks // self.global_batch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -489,6 +554,8 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
             step_epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
             if step_epoch != epoch:
                 epoch, order = step_epoch, self.epoch_order(step_epoch)
+                if self.epoch_items:  # the items of DocumentShuffledBlocks: the block of that epoch's stream
+                    order = order + epoch * self.num_blocks
             step_start = step_in_epoch * self.global_batch
             for micro in range(self.grad_accum):
                 begin = step_start + (micro * self.num_processes + self.process_index) * self.batch_size

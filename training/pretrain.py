@@ -117,7 +117,7 @@ def train_loop(
 ) -> None:
     sampler = StepBatchSampler(
         len(data.train), config.batch_size, config.grad_accum, accelerator.num_processes, accelerator.process_index,
-        seed=config.seed, start_step=state.step,
+        seed=config.seed, start_step=state.step, epoch_items=config.shuffle_documents,
     )
     batches = iter(make_loader(data.train, sampler, config.num_workers, pin_memory=accelerator.device.type == "cuda"))
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(accelerator.device)

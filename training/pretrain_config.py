@@ -73,6 +73,8 @@ class PretrainConfig:
     val_data: tuple[str, ...] | None = option(DATA, "validation documents (default: --val-fraction)", None)
     val_split: str = option(DATA, "split of a Hub --val-data dataset", "validation")
     val_fraction: float = option(DATA, "last fraction of the tokens held out", 0.05)
+    shuffle_documents: bool = option(DATA, "put the training documents (the spans between end-of-text tokens) in a new "
+                                     "order each epoch, so each epoch cuts its blocks elsewhere", False)
     streaming: bool = option(DATA, "stream while tokenizing (corpora larger than memory)", False)
     cache_dir: str | None = option(DATA, f"token cache (default: {default_cache_dir()})", None)
     num_workers: int = option(DATA, "DataLoader worker processes", 0, rule=NOT_NEGATIVE)

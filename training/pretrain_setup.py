@@ -17,7 +17,15 @@ from glade.hardware import choose_precision, cpu_name
 
 from . import distributed
 from .kernel_choice import UNCOMPILED, choose_kernel
-from .data import TextSource, TokenBlocks, default_cache_dir, resolve_text_source, split_train_val, tokenize_to_cache
+from .data import (
+    DocumentShuffledBlocks,
+    TextSource,
+    TokenBlocks,
+    default_cache_dir,
+    resolve_text_source,
+    split_train_val,
+    tokenize_to_cache,
+)
 from .optim import check_optimizer_fits, make_optimizer, make_scheduler
 from .weight_average import check_average_fits
 from .pretrain_config import PretrainConfig
@@ -126,6 +134,12 @@ def prepare_data(
             raise ValueError(f"--val-data has {val_tokens.num_tokens} tokens, fewer than one block of {block_size + 1}")
     else:
         train, val = split_train_val(train_tokens, block_size, config.val_fraction)
+    if config.shuffle_documents:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("--shuffle-documents finds documents by their end-of-text token, which this tokenizer "
+                             "lacks")
+        train = DocumentShuffledBlocks(train.token_file, block_size, tokenizer.eos_token_id, config.seed, train.start,
+                                       train.stop)
     accelerator.print(
         f"data: {len(train)} training blocks of {block_size} tokens"
         + (f", {len(val)} validation blocks" if val is not None else ", no validation")

@@ -39,6 +39,7 @@ class TrainerState:
     architecture: dict[str, Any]
     ema_decay: float = 0.0
     normuon: bool = False
+    shuffle_documents: bool = False
 
     @classmethod
     def start(
@@ -56,6 +57,7 @@ class TrainerState:
             architecture=architecture(model_config),
             ema_decay=config.ema_decay,
             normuon=config.normuon,
+            shuffle_documents=config.shuffle_documents,
         )
 
 
@@ -77,8 +79,9 @@ def architecture(model_config: PreTrainedConfig) -> dict[str, Any]:
 
 
 def with_later_defaults(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """An architecture recorded before some of `current`'s GladeConfig fields, or rotary configs' `partial_rotary_factor`
-    (1.0: every channel rotates), existed: those at their defaults, which is what the model computed then."""
+    """An architecture recorded before some of `current`'s GladeConfig fields, or rotary configs'
+    `partial_rotary_factor` (1.0: every channel rotates), existed: those at their defaults, which is what the model
+    computed then."""
     defaults = {field.name: field.default for field in fields(GladeConfig)}
     saved = {**{name: defaults[name] for name in current.keys() - saved.keys() if name in defaults}, **saved}
     rope = saved.get("rope_parameters")
@@ -114,6 +117,9 @@ def resume(
                 f"cannot resume from {path}: {meaning} changed ({name} was {saved[name]!r}, "
                 f"now {getattr(expected, name)!r}), so the run would not continue on the same data"
             )
+    if (shuffled := saved.get("shuffle_documents", False)) != expected.shuffle_documents:
+        raise ValueError(f"cannot resume from {path}: it was trained {'with' if shuffled else 'without'} "
+                         "--shuffle-documents, so the run would not continue on the same data")
     check_same_architecture(path, saved.get("architecture"), expected.architecture)
     trained_with = saved.get("optimizer", "adamw")  # checkpoints from before --optimizer existed are AdamW's
     if trained_with != expected.optimizer:

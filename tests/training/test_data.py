@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import glade.training.data as data_module
 from glade.tiny import byte_level_tokenizer
 from glade.training.data import (
+    DocumentShuffledBlocks,
     StepBatchSampler,
     TokenBlocks,
     eval_batches,
@@ -245,6 +246,67 @@ def test_a_sampler_started_at_step_k_continues_the_same_sequence():
 def test_too_little_data_for_one_step_is_an_error():
     with pytest.raises(ValueError, match="the training data has 10 blocks, fewer than one optimizer step needs"):
         StepBatchSampler(10, 4, 2, 2, 0, seed=0)
+
+
+EOS = 999
+
+
+@pytest.fixture
+def documents_file(tmp_path):
+    """Documents of different lengths, each a run of its own number ending with EOS; the last has no EOS."""
+    lengths = [5, 17, 3, 40, 9, 26, 11]
+    documents = [[number + 1] * (length - 1) + [EOS] for number, length in enumerate(lengths)]
+    documents[-1] = documents[-1][:-1]
+    tokens = np.array([token for document in documents for token in document], dtype=np.uint16)
+    path = tmp_path / "documents.bin"
+    tokens.tofile(path)
+    token_file = data_module.TokenFile(path=path, dtype="uint16", num_tokens=len(tokens), num_documents=len(lengths),
+                                       num_bytes=0, key="d")
+    return token_file, documents
+
+
+def as_documents(stream: list[int]) -> list[list[int]]:
+    """A stream cut back into documents: after each EOS, and where the number of a run changes."""
+    cut, current = [], []
+    for token in stream:
+        if current and current[-1] != EOS and token != current[-1] and token != EOS:
+            cut.append(current)
+            current = []
+        current.append(token)
+        if token == EOS:
+            cut.append(current)
+            current = []
+    return cut + ([current] if current else [])
+
+
+def test_each_epoch_reads_every_document_whole_in_its_own_order(documents_file):
+    token_file, documents = documents_file
+    blocks = DocumentShuffledBlocks(token_file, block_size=8, eos_token_id=EOS, seed=1)
+    assert len(blocks) == len(TokenBlocks(token_file, block_size=8))
+    orders = []
+    for epoch in range(3):
+        windows = [blocks[epoch * len(blocks) + index]["tokens"].tolist() for index in range(len(blocks))]
+        for before, after in zip(windows, windows[1:]):
+            assert before[-1] == after[0]  # consecutive windows share one token, as TokenBlocks' do
+        stream = windows[0] + [token for window in windows[1:] for token in window[1:]]
+        # The stream is the documents in some order, cut short only by the partial last block.
+        whole = as_documents(stream)
+        order = [document[0] - 1 if document[0] != EOS else None for document in whole]
+        assert all(document == documents[number] for document, number in zip(whole[:-1], order[:-1]))
+        assert documents[order[-1]][: len(whole[-1])] == whole[-1]
+        # Every document once; the dropped tail (under one block) can hide at most the last one.
+        assert len(set(order)) == len(order) >= len(documents) - 1
+        orders.append(order)
+    assert orders[0] != orders[1] and orders[1] != orders[2]  # a new order every epoch
+    again = DocumentShuffledBlocks(token_file, block_size=8, eos_token_id=EOS, seed=1)
+    assert torch.equal(again[len(blocks) + 3]["tokens"], blocks[len(blocks) + 3]["tokens"])  # drawn from the seed
+
+
+def test_the_sampler_names_each_epochs_blocks_for_the_shuffled_stream():
+    plain = take(StepBatchSampler(12, 2, 1, 1, 0, seed=5), 12)
+    tagged = take(StepBatchSampler(12, 2, 1, 1, 0, seed=5, epoch_items=True), 12)
+    assert [[item % 12 for item in batch] for batch in tagged] == plain  # the same blocks of each epoch
+    assert [{item // 12 for item in batch} for batch in tagged] == [{0}] * 6 + [{1}] * 6
 
 
 def test_eval_batches_are_disjoint_and_the_same_size_on_every_rank():

@@ -46,14 +46,22 @@ def wait_for(condition, process, what, timeout=120):
         time.sleep(0.005)
 
 
+def speeches(text_file: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "speeches.jsonl"
+    texts = [text for text in text_file.read_text().split("\n\n") if text.strip()]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
 REFINED_MUON = {"optimizer": "muon", "polar_express": True, "normuon": True, "cautious_weight_decay": True,
                 "weight_decay_schedule": "linear"}
 
 
 @pytest.mark.parametrize(
     "training",
-    [{"optimizer": "adamw"}, {"optimizer": "muon"}, {"optimizer": "adamw", "ema_decay": 0.9}, REFINED_MUON],
-    ids=["adamw", "muon", "adamw-ema", "muon-refined"],
+    [{"optimizer": "adamw"}, {"optimizer": "muon"}, {"optimizer": "adamw", "ema_decay": 0.9}, REFINED_MUON,
+     {"optimizer": "adamw", "shuffle_documents": True}],
+    ids=["adamw", "muon", "adamw-ema", "muon-refined", "adamw-shuffled-documents"],
 )
 def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
     training, base_options, argv, pretrain_subprocess, training_env, tmp_path
@@ -63,6 +71,8 @@ def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
     # a scheduled weight decay must resume at its step.
     options = {**base_options, "max_steps": 2 * N, "save_every": N, "keep_last": 0, "eval_every": N,
                "dropout": 0.1, "mixed_precision": "bf16", **training}
+    if training.get("shuffle_documents"):  # documents to shuffle: the fixture's speeches, one per JSON line
+        options["data"] = [speeches(base_options["data"][0], tmp_path)]
     straight = tmp_path / "straight"
     pretrain_subprocess({**options, "output_dir": straight})
 
@@ -287,6 +297,11 @@ def test_the_recorded_architecture_holds_the_rotation_and_older_records_still_ma
 def test_resume_refuses_a_changed_weight_average(saved_at_step_2, argv, capsys):
     line = refusal({**saved_at_step_2, "ema_decay": 0.99}, argv, capsys)
     assert "it was trained with --ema-decay 0.0, not --ema-decay 0.99" in line
+
+
+def test_resume_refuses_a_changed_document_shuffle(saved_at_step_2, argv, capsys):
+    line = refusal({**saved_at_step_2, "shuffle_documents": True}, argv, capsys)
+    assert "it was trained without --shuffle-documents, so the run would not continue on the same data" in line
 
 
 def test_resume_refuses_to_add_or_drop_normuon_state(saved_at_step_2, argv, capsys):
