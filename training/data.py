@@ -505,6 +505,25 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
+@dataclass(frozen=True)
+class BatchRamp:
+    """Micro-batches per optimizer step: `grad_accum` throughout, or, with `ramp_steps`, growing linearly from 1 at
+    step 0 to `grad_accum` at step `ramp_steps`: a global batch that starts small (modded-nanogpt's batch-size
+    schedule) while every micro-batch keeps its shape."""
+
+    grad_accum: int
+    ramp_steps: int = 0
+
+    def micro_batches(self, step: int) -> int:
+        if step >= self.ramp_steps:
+            return self.grad_accum
+        return 1 + (self.grad_accum - 1) * step // self.ramp_steps
+
+    def micro_batches_before(self, step: int) -> int:
+        ramped = min(step, self.ramp_steps)
+        return sum(self.micro_batches(earlier) for earlier in range(ramped)) + (step - ramped) * self.grad_accum
+
+
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Endless per-rank micro-batches of block indices, starting at optimizer step `start_step`.
 
@@ -514,6 +533,10 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     number of batches (the remainder of an epoch is dropped), and the blocks of a step do not depend on how the
     global batch is split into processes and micro-batches. With `epoch_items`, block b of epoch e is yielded as
     e * num_blocks + b, the item `DocumentShuffledBlocks` reads it from.
+
+    Put otherwise, an epoch is a row of micro-batch slots (batch_size x num_processes blocks each, steps_per_epoch x
+    grad_accum of them), and each step takes the next slots. With `ramp_steps` (`BatchRamp`) the early steps take
+    fewer: the slots come in the same order, grouped into steps differently, and a step may span two epochs.
     """
 
     def __init__(
@@ -526,6 +549,7 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: int,
         start_step: int = 0,
         epoch_items: bool = False,
+        ramp_steps: int = 0,
     ):
         self.global_batch = batch_size * grad_accum * num_processes
         if num_blocks < self.global_batch:
@@ -542,24 +566,26 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.seed = seed
         self.start_step = start_step
         self.epoch_items = epoch_items
-        self.steps_per_epoch = num_blocks // self.global_batch
+        self.ramp = BatchRamp(grad_accum, ramp_steps)
+        self.slots_per_epoch = num_blocks // self.global_batch * grad_accum
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
+        slot_blocks = self.batch_size * self.num_processes
+        step, slot = self.start_step, self.ramp.micro_batches_before(self.start_step)
         epoch, order = -1, None
         while True:
-            step_epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-            if step_epoch != epoch:
-                epoch, order = step_epoch, self.epoch_order(step_epoch)
-                if self.epoch_items:  # the items of DocumentShuffledBlocks: the block of that epoch's stream
-                    order = order + epoch * self.num_blocks
-            step_start = step_in_epoch * self.global_batch
-            for micro in range(self.grad_accum):
-                begin = step_start + (micro * self.num_processes + self.process_index) * self.batch_size
+            for _ in range(self.ramp.micro_batches(step)):
+                slot_epoch, slot_in_epoch = divmod(slot, self.slots_per_epoch)
+                if slot_epoch != epoch:
+                    epoch, order = slot_epoch, self.epoch_order(slot_epoch)
+                    if self.epoch_items:  # the items of DocumentShuffledBlocks: the block of that epoch's stream
+                        order = order + epoch * self.num_blocks
+                begin = slot_in_epoch * slot_blocks + self.process_index * self.batch_size
                 yield order[begin : begin + self.batch_size].tolist()
+                slot += 1
             step += 1
 
 

@@ -118,11 +118,12 @@ def train_loop(
     sampler = StepBatchSampler(
         len(data.train), config.batch_size, config.grad_accum, accelerator.num_processes, accelerator.process_index,
         seed=config.seed, start_step=state.step, epoch_items=config.shuffle_documents,
+        ramp_steps=config.batch_ramp_steps,
     )
     batches = iter(make_loader(data.train, sampler, config.num_workers, pin_memory=accelerator.device.type == "cuda"))
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(accelerator.device)
     # Every position of every block is real text, so a step's tokens are known without asking the device.
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * accelerator.num_processes
+    tokens_per_micro_batch = config.batch_size * config.block_size * accelerator.num_processes
     samples_log = Path(config.output_dir) / "samples" / f"rank-{accelerator.process_index}.jsonl"
     if config.record_samples:
         samples_log.parent.mkdir(exist_ok=True)
@@ -130,7 +131,7 @@ def train_loop(
     progress = tqdm(total=config.max_steps, initial=state.step, unit="step", disable=not accelerator.is_main_process)
     window = LossWindow(accelerator.device)
     while state.step < config.max_steps:
-        micro_batches = [next(batches) for _ in range(config.grad_accum)]
+        micro_batches = [next(batches) for _ in range(sampler.ramp.micro_batches(state.step))]
         if config.record_samples:
             record_samples(samples_log, state.step, micro_batches)
         lr = optimizer.param_groups[0]["lr"]  # AdamW's learning rate for this step
@@ -139,8 +140,8 @@ def train_loop(
         state.step += 1
         if average is not None:
             average.update(model, state.step)
-        state.tokens_seen += tokens_per_step
-        window.add(loss, state.step)
+        state.tokens_seen += len(micro_batches) * tokens_per_micro_batch
+        window.add(loss, state.step, len(micro_batches) * tokens_per_micro_batch)
         progress.update(1)
         last = state.step == config.max_steps
         log_now = state.step % config.log_every == 0 or last
@@ -150,7 +151,7 @@ def train_loop(
             window.check_finite(accelerator)
 
         if log_now:
-            train_loss, tokens_per_sec = window.flush(accelerator, tokens_per_step)
+            train_loss, tokens_per_sec = window.flush(accelerator)
             metrics.log({
                 "step": state.step, "train_loss": train_loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -190,13 +191,14 @@ class LossWindow:
 
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)  # this rank's share of each step's mean loss, summed
-        self.steps = 0
+        self.steps = self.tokens = 0
         self.start = time.perf_counter()
         self.first_non_finite = torch.zeros((), dtype=torch.long, device=device)  # a step, or 0: none yet
 
-    def add(self, loss: torch.Tensor, step: int) -> None:
+    def add(self, loss: torch.Tensor, step: int, tokens: int) -> None:
         self.loss += loss
         self.steps += 1
+        self.tokens += tokens
         self.first_non_finite.masked_fill_(~torch.isfinite(loss) & (self.first_non_finite == 0), step)
 
     def check_finite(self, accelerator: Accelerator) -> None:
@@ -206,12 +208,12 @@ class LossWindow:
         if steps:
             raise TrainingDiverged(min(steps), "non-finite training loss")
 
-    def flush(self, accelerator: Accelerator, tokens_per_step: int) -> tuple[float, float]:
+    def flush(self, accelerator: Accelerator) -> tuple[float, float]:
         """(mean loss over the window's steps, tokens per second), and start a new window."""
         mean_loss = accelerator.reduce(self.loss, reduction="sum").item() / self.steps
-        tokens_per_sec = self.steps * tokens_per_step / (time.perf_counter() - self.start)
+        tokens_per_sec = self.tokens / (time.perf_counter() - self.start)
         self.loss.zero_()
-        self.steps, self.start = 0, time.perf_counter()
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
         return mean_loss, tokens_per_sec
 
 

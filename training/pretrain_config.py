@@ -84,6 +84,8 @@ class PretrainConfig:
     batch_size: int = option(TRAINING, "blocks per micro-batch per process", 8, rule=AT_LEAST_ONE)
     block_size: int | None = option(TRAINING, "tokens per block (default: n_positions)", None, rule=AT_LEAST_ONE)
     grad_accum: int = option(TRAINING, "micro-batches per optimizer step", 1, rule=AT_LEAST_ONE)
+    batch_ramp_steps: int = option(TRAINING, "over the first K steps the micro-batches per step grow linearly from 1 "
+                                   "to --grad-accum (0: no ramp)", 0, rule=NOT_NEGATIVE)
     optimizer: str = option(TRAINING, "adamw, or muon: Muon for the weight matrices inside the transformer blocks "
                             "and AdamW for embeddings, output head, norms and biases", "adamw", choices=OPTIMIZERS)
     lr: float = option(TRAINING, "AdamW's peak learning rate", 6e-4, rule=POSITIVE)
@@ -169,6 +171,9 @@ class PretrainConfig:
             if rule is not None and not rule[0](value):
                 raise ValueError(f"{flag_name(field)} must be {rule[1]}, got {value}")
         check_muon_options(self.optimizer, self.muon_options)
+        if self.batch_ramp_steps and self.grad_accum == 1:
+            raise ValueError("--batch-ramp-steps ramps the micro-batches per step up to --grad-accum: it needs "
+                             "--grad-accum 2 or more")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
         if parse_shard_size(self.max_shard_size) <= 0:

@@ -40,6 +40,7 @@ class TrainerState:
     ema_decay: float = 0.0
     normuon: bool = False
     shuffle_documents: bool = False
+    batch_ramp_steps: int = 0
 
     @classmethod
     def start(
@@ -58,6 +59,7 @@ class TrainerState:
             ema_decay=config.ema_decay,
             normuon=config.normuon,
             shuffle_documents=config.shuffle_documents,
+            batch_ramp_steps=config.batch_ramp_steps,
         )
 
 
@@ -99,6 +101,13 @@ DATA_POSITION_FIELDS = {
 }
 
 
+# Options added later that also fix the data position, with the value a checkpoint from before them ran with.
+LATER_DATA_POSITION_OPTIONS = {
+    "shuffle_documents": ("--shuffle-documents", False),
+    "batch_ramp_steps": ("--batch-ramp-steps", 0),
+}
+
+
 def resume(
     accelerator: Accelerator, config: PretrainConfig, expected: TrainerState, optimizer, scheduler
 ) -> TrainerState:
@@ -117,9 +126,10 @@ def resume(
                 f"cannot resume from {path}: {meaning} changed ({name} was {saved[name]!r}, "
                 f"now {getattr(expected, name)!r}), so the run would not continue on the same data"
             )
-    if (shuffled := saved.get("shuffle_documents", False)) != expected.shuffle_documents:
-        raise ValueError(f"cannot resume from {path}: it was trained {'with' if shuffled else 'without'} "
-                         "--shuffle-documents, so the run would not continue on the same data")
+    for name, (flag, before_it_existed) in LATER_DATA_POSITION_OPTIONS.items():
+        if (trained := saved.get(name, before_it_existed)) != getattr(expected, name):
+            raise ValueError(f"cannot resume from {path}: it was trained with {flag} {trained!r}, not "
+                             f"{getattr(expected, name)!r}, so the run would not continue on the same data")
     check_same_architecture(path, saved.get("architecture"), expected.architecture)
     trained_with = saved.get("optimizer", "adamw")  # checkpoints from before --optimizer existed are AdamW's
     if trained_with != expected.optimizer:

@@ -8,8 +8,10 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import glade.training.data as data_module
+from glade.training.pretrain_config import PretrainConfig
 from glade.tiny import byte_level_tokenizer
 from glade.training.data import (
+    BatchRamp,
     DocumentShuffledBlocks,
     StepBatchSampler,
     TokenBlocks,
@@ -300,6 +302,31 @@ def test_each_epoch_reads_every_document_whole_in_its_own_order(documents_file):
     assert orders[0] != orders[1] and orders[1] != orders[2]  # a new order every epoch
     again = DocumentShuffledBlocks(token_file, block_size=8, eos_token_id=EOS, seed=1)
     assert torch.equal(again[len(blocks) + 3]["tokens"], blocks[len(blocks) + 3]["tokens"])  # drawn from the seed
+
+
+def test_a_batch_ramp_grows_linearly_from_one_micro_batch_to_grad_accum():
+    ramp = BatchRamp(grad_accum=4, ramp_steps=6)
+    counts = [ramp.micro_batches(step) for step in range(9)]
+    assert counts == [1, 1, 2, 2, 3, 3, 4, 4, 4]
+    assert [ramp.micro_batches_before(step) for step in range(9)] == [sum(counts[:step]) for step in range(9)]
+    assert [BatchRamp(3).micro_batches(step) for step in range(3)] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_ramped_sampler_takes_the_same_micro_batches_grouped_into_smaller_first_steps(world):
+    ramped = StepBatchSampler(40, 2, 3, world, world - 1, seed=4, ramp_steps=5)
+    plain = StepBatchSampler(40, 2, 3, world, world - 1, seed=4)
+    counts = [ramped.ramp.micro_batches(step) for step in range(12)]
+    assert counts[:5] == [1, 1, 1, 2, 2] and set(counts[5:]) == {3}
+    assert take(ramped, sum(counts)) == take(plain, sum(counts))  # the same slots, epochs crossed mid-step too
+    # Started at a step, it continues where the ramp had got to.
+    resumed = StepBatchSampler(40, 2, 3, world, world - 1, seed=4, ramp_steps=5, start_step=4)
+    assert take(resumed, 9) == take(plain, sum(counts[:4]) + 9)[sum(counts[:4]):]
+
+
+def test_a_ramp_without_accumulation_is_refused(base_options):
+    with pytest.raises(ValueError, match="--batch-ramp-steps ramps the micro-batches per step up to --grad-accum"):
+        PretrainConfig(**base_options, max_steps=4, batch_ramp_steps=2)
 
 
 def test_the_sampler_names_each_epochs_blocks_for_the_shuffled_stream():

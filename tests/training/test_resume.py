@@ -60,8 +60,8 @@ REFINED_MUON = {"optimizer": "muon", "polar_express": True, "normuon": True, "ca
 @pytest.mark.parametrize(
     "training",
     [{"optimizer": "adamw"}, {"optimizer": "muon"}, {"optimizer": "adamw", "ema_decay": 0.9}, REFINED_MUON,
-     {"optimizer": "adamw", "shuffle_documents": True}],
-    ids=["adamw", "muon", "adamw-ema", "muon-refined", "adamw-shuffled-documents"],
+     {"optimizer": "adamw", "shuffle_documents": True, "grad_accum": 3, "batch_ramp_steps": N + 2}],
+    ids=["adamw", "muon", "adamw-ema", "muon-refined", "adamw-shuffled-documents-ramped-batch"],
 )
 def test_resume_after_sigkill_is_bitwise_identical_to_an_uninterrupted_run(
     training, base_options, argv, pretrain_subprocess, training_env, tmp_path
@@ -301,7 +301,8 @@ def test_resume_refuses_a_changed_weight_average(saved_at_step_2, argv, capsys):
 
 def test_resume_refuses_a_changed_document_shuffle(saved_at_step_2, argv, capsys):
     line = refusal({**saved_at_step_2, "shuffle_documents": True}, argv, capsys)
-    assert "it was trained without --shuffle-documents, so the run would not continue on the same data" in line
+    assert "it was trained with --shuffle-documents False, not True, so the run would not continue on the same data" \
+        in line
 
 
 def test_resume_refuses_to_add_or_drop_normuon_state(saved_at_step_2, argv, capsys):
