@@ -1,16 +1,21 @@
 """Ablation of the modern training recipe: GPT-2 + AdamW against each modern option alone, Muon, and their combination.
 
     python benchmarks/recipe_ablation.py --data ../shared/data/gutenberg-en --out docs/recipe
+    # v2, at the shipped model's shape and budget, each option at three learning rates:
+    python benchmarks/recipe_ablation.py --data ../shared/data/gutenberg-en --out docs/recipe-v2 --shape shipped \
+        --train-files children.txt fiction.txt nonfiction.txt --steps 4000 --lr-factors 0.5 1 2 --seeds 1337 1338 1339
 
 Every row trains the same shape on the same tokens (same data order per seed) with `glade pretrain`, two runs side by
 side with one thread each, and is scored by validation bits per byte on held-out books. Phase 1 tunes the AdamW
-baseline's learning rate; phase 2 runs each option alone on top of it, and each architecture option again on top of
-Muon; phase 3 combines Muon (if it helped) with every option that lowered its bpb by more than the spread over seeds
-(the better of relu2 and swiglu), and that combination is the recipe; every option at once is run too, for
-comparison. The baseline and the recipe are then timed under
+baseline's learning rate; phase 2 runs each option alone on top of it (model options, and training options: a weight
+average, per-epoch document shuffling, a weight-decay schedule, a batch ramp), and each option again on top of Muon,
+with Muon's own refinements (Polar Express, NorMuon, cautious weight decay) only there; every option runs at the
+baseline's best lr times each of --lr-factors, and counts at its best. Phase 3 combines Muon (if it helped) with every
+option that lowered its bpb by more than the spread over seeds (the better of relu2 and swiglu), and that combination
+is the recipe; every option at once is run too, for comparison. The baseline and the recipe are then timed under
 --compile. Writes `results.json`, `table.md` and `bpb_vs_tokens.png` to --out and prints the table. Finished runs
-in --work are reused. On 2 CPU cores the default budget (50 runs of 1.2M tokens, then short speed runs) takes about
-100 minutes.
+in --work are reused. On 2 CPU cores the tiny default budget (one lr per option, 1.2M tokens per run, then short
+speed runs) takes about 3 hours; the shipped shape's takes days on a CPU, hours on a GPU.
 """
 
 from __future__ import annotations
@@ -28,10 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPE = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256}  # glade-tiny
+SHAPES = {
+    "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256},  # glade-tiny
+    "shipped": {"n_layer": 6, "n_embd": 256, "n_head": 4, "n_positions": 256},  # glade-gutenberg-7m
+}
 BASELINE_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 SPEED_LOG_EVERY = 10
-# Each modern option alone, as GladeConfig fields (or the optimizer).
+# Option keys that are `glade pretrain` flags; every other key is a GladeConfig field. `batch_ramp_fraction` is this
+# script's: --batch-ramp-steps as a fraction of the run's steps.
+TRAINING_FLAGS = ("optimizer", "polar_express", "normuon", "cautious_weight_decay", "weight_decay_schedule",
+                  "ema_decay", "shuffle_documents", "batch_size", "grad_accum", "batch_ramp_fraction")
+# Each modern option alone, as GladeConfig fields or training flags.
 OPTIONS: dict[str, dict] = {
     "muon": {"optimizer": "muon"},
     "rotary": {"positions": "rotary"},
@@ -43,6 +55,19 @@ OPTIONS: dict[str, dict] = {
     "softcap": {"logit_softcap": 15.0},
     "zero_init_untied": {"zero_init": True, "tie_word_embeddings": False},
     "no_bias": {"bias": False},
+    "residual_lambdas": {"residual_lambdas": True},
+    "value_embeddings": {"value_embeddings": True},
+    "ema": {"ema_decay": 0.99},
+    "shuffle_documents": {"shuffle_documents": True},
+    "wd_schedule": {"weight_decay_schedule": "linear"},
+    # The same 16 blocks per step at full size, in two micro-batches, from one over the first 30% of the steps.
+    "batch_ramp": {"batch_size": 8, "grad_accum": 2, "batch_ramp_fraction": 0.3},
+}
+# Refinements of Muon: they run on top of it only.
+MUON_OPTIONS: dict[str, dict] = {
+    "polar_express": {"polar_express": True},
+    "normuon": {"normuon": True},
+    "cautious_wd": {"cautious_weight_decay": True},
 }
 ACTIVATIONS = ("relu2", "swiglu")  # mutually exclusive: the recipe takes the better one
 
@@ -73,6 +98,22 @@ class Row:
         return np.mean([run["curve"] for run in self.runs], axis=0)
 
 
+def model_fields(options: dict) -> dict:
+    return {key: value for key, value in options.items() if key not in TRAINING_FLAGS}
+
+
+def training_flags(options: dict, steps: int) -> list[str]:
+    """`glade pretrain` flags for an option's training keys (a 16-block batch and AdamW unless it sets others)."""
+    flags = {"optimizer": "adamw", "batch_size": 16} | {k: v for k, v in options.items() if k in TRAINING_FLAGS}
+    if (fraction := flags.pop("batch_ramp_fraction", None)) is not None:
+        flags["batch_ramp_steps"] = max(1, round(fraction * steps))
+    words = []
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return words
+
+
 def read_run(output_dir: Path) -> dict:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train_loss" in r]
@@ -89,19 +130,19 @@ def train(row: Row, seed: int, args: argparse.Namespace, speed: str | None = Non
     steps = args.speed_steps if speed else row.steps or args.steps
     compiled = speed == "compiled"
     if not (output / "final").is_dir():
-        model_fields = {k: v for k, v in row.options.items() if k != "optimizer"}
         config = args.work / f"{output.name}.json"
-        config.write_text(json.dumps({**SHAPE, **model_fields}))
+        config.write_text(json.dumps({**SHAPES[args.shape], **model_fields(row.options)}))
         command = [
-            "glade", "pretrain", "--config", str(config), "--optimizer", row.options.get("optimizer", "adamw"),
-            "--data", str(args.data / "children.txt"), "--val-data", str(args.data / "valid.txt"),
+            "glade", "pretrain", "--config", str(config),
+            "--data", *(str(args.data / name) for name in args.train_files), "--val-data", str(args.data / "valid.txt"),
             "--tokenizer", str(args.tokenizer), "--output-dir", str(output), "--cache-dir", str(args.work / "cache"),
-            "--max-steps", str(steps), "--batch-size", "16", "--block-size", "256", "--lr", str(row.lr),
+            "--max-steps", str(steps), "--block-size", "256", "--lr", str(row.lr),
             # Speed runs evaluate only after their last log line: an evaluation inside a log window would count
             # as training time.
             "--eval-every", "0" if speed else str(args.eval_every), "--eval-batches", "16",
             "--log-every", str(SPEED_LOG_EVERY if speed else args.eval_every),
             "--save-every", "0", "--dropout", "0", "--seed", str(seed), "--mixed-precision", "auto",
+            *training_flags(row.options, steps),
         ] + (["--compile"] if compiled else [])
         shutil.rmtree(output, ignore_errors=True)  # an interrupted earlier attempt: start over
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
@@ -123,12 +164,23 @@ def run_rows(rows: list[Row], args: argparse.Namespace) -> None:
 
 
 def speeds(rows: list[Row], args: argparse.Namespace, speed: str) -> dict[str, float]:
-    """Tokens/s of each row in short runs side by side, eager or under `--compile` (as `glade pretrain --compile`
-    trains); the first log interval (warm-up, compilation) is left out. Measured apart from the ablation's runs,
-    so that the machine's other work then does not blur them."""
+    """Tokens/s of each option (its first row: the learning rate does not change the work) in short runs side by
+    side, eager or under `--compile` (as `glade pretrain --compile` trains); the first log interval (warm-up,
+    compilation) is left out. Measured apart from the ablation's runs, so that the machine's other work then does
+    not blur them."""
+    first = list({row.name: row for row in reversed(rows)}.values())
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda row: train(row, args.seeds[0], args, speed=speed), rows))
-    return {f"{row.name}, lr {row.lr:g}": run["tokens_per_sec"] for row, run in zip(rows, runs)}
+        runs = list(pool.map(lambda row: train(row, args.seeds[0], args, speed=speed), first))
+    return {row.name: run["tokens_per_sec"] for row, run in zip(first, runs)}
+
+
+def best_rows(rows: list[Row]) -> dict[str, Row]:
+    """Each option's row at its best learning rate."""
+    best: dict[str, Row] = {}
+    for row in rows:
+        if row.name not in best or row.mean_bpb < best[row.name].mean_bpb:
+            best[row.name] = row
+    return best
 
 
 def helps(row: Row, baseline: Row) -> bool:
@@ -149,7 +201,7 @@ def table(rows: list[Row], baseline: Row, eager: dict[str, float]) -> str:
     for row in rows:
         label = f"{row.name}, lr {row.lr:g}"
         delta = row.mean_bpb - baseline.mean_bpb
-        lines.append(f"| {label} | {row.mean_bpb:.4f} ± {row.spread:.4f} | {delta:+.4f} | {eager[label]:,.0f} |")
+        lines.append(f"| {label} | {row.mean_bpb:.4f} ± {row.spread:.4f} | {delta:+.4f} | {eager[row.name]:,.0f} |")
     return "\n".join(lines)
 
 
@@ -183,6 +235,10 @@ def main() -> int:
     parser.add_argument("--tokenizer", type=Path, default=Path("model_cards/glade-gutenberg-7m"))
     parser.add_argument("--out", type=Path, default=Path("docs/recipe"))
     parser.add_argument("--work", type=Path, default=Path("runs/recipe-ablation"), help="runs (reused if complete)")
+    parser.add_argument("--shape", choices=SHAPES, default="tiny", help="the model's shape")
+    parser.add_argument("--train-files", nargs="+", default=["children.txt"], help="training files in --data")
+    parser.add_argument("--lr-factors", type=float, nargs="+", default=[1.0],
+                        help="each option runs at the best baseline lr times each of these")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of 16 x 256 tokens per run")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--speed-steps", type=int, default=60, help="steps of the runs that measure tokens/s")
@@ -195,30 +251,33 @@ def main() -> int:
     lr_rows = [Row("gpt2_adamw", {}, lr) for lr in BASELINE_LRS]
     run_rows(lr_rows, args)
     baseline = min(lr_rows, key=lambda row: row.mean_bpb)
-    single = [Row(name, options, baseline.lr) for name, options in OPTIONS.items()]
+    lrs = [baseline.lr * factor for factor in args.lr_factors]
+    single = [Row(name, options, lr) for name, options in OPTIONS.items() for lr in lrs]
     run_rows(single, args)
-    # The architecture options again, each alone on top of Muon: what they add to the optimizer that helps most.
-    muon = next(row for row in single if row.name == "muon")
-    on_muon = [Row(f"muon+{row.name}", {**muon.options, **row.options}, baseline.lr)
-               for row in single if row is not muon]
+    # The other options again, each alone on top of Muon (its refinements only there): what they add to the
+    # optimizer that helps most.
+    muon = best_rows(single)["muon"]
+    on_muon = [Row(f"muon+{name}", {**muon.options, **options}, lr)
+               for name, options in {**OPTIONS, **MUON_OPTIONS}.items() if name != "muon" for lr in lrs]
     run_rows(on_muon, args)
-    reference, candidates = (muon, on_muon) if helps(muon, baseline) else (baseline, single)
-    helpful = [row for row in candidates if helps(row, reference)]
+    reference, candidates = (muon, best_rows(on_muon)) if helps(muon, baseline) else (baseline, best_rows(single))
+    helpful = [row for row in candidates.values() if helps(row, reference)]
     activations = [row for row in helpful if row.name.endswith(ACTIVATIONS)]
     helpful = [row for row in helpful if row not in activations] + sorted(activations, key=lambda r: r.mean_bpb)[:1]
-    recipe = Row("recipe", {k: v for row in [reference, *helpful] for k, v in row.options.items()}, baseline.lr)
+    recipe = Row("recipe", {k: v for row in [reference, *helpful] for k, v in row.options.items()}, reference.lr)
     # For comparison: every option at once (swiglu as the activation), helpful alone or not.
-    everything = Row("all_options", {k: v for row in single if row.name != "relu2" for k, v in row.options.items()},
-                     baseline.lr)
+    everything = Row("all_options", {k: v for name, options in {**OPTIONS, **MUON_OPTIONS}.items() if name != "relu2"
+                                     for k, v in options.items()}, reference.lr)
     # The acceptance test itself: the recipe with 0.65x the tokens, on its own (shorter) schedule.
-    short = Row("recipe_0.65x_tokens", recipe.options, baseline.lr, steps=round(0.65 * args.steps))
+    short = Row("recipe_0.65x_tokens", recipe.options, recipe.lr, steps=round(0.65 * args.steps))
     run_rows([recipe, everything, short], args)
     recipe_options = recipe.options
 
     rows = [*lr_rows, *single, *on_muon, recipe, everything, short]
     summary = {
-        "shape": SHAPE, "steps": args.steps, "tokens_per_run": args.steps * 16 * 256, "seeds": args.seeds,
-        "baseline": baseline.name, "recipe_options": recipe_options,
+        "shape": SHAPES[args.shape], "train_files": args.train_files, "steps": args.steps,
+        "tokens_per_run": args.steps * 16 * 256, "seeds": args.seeds, "lr_factors": args.lr_factors,
+        "baseline": baseline.name, "baseline_lr": baseline.lr, "recipe_options": recipe_options,
         "tokens_to_baseline_bpb": tokens_to_reach(recipe.mean_curve(), baseline.mean_bpb),
         "baseline_tokens": float(baseline.mean_curve()[-1, 0]),
         "recipe_0.65x_tokens_bpb": short.mean_bpb, "baseline_bpb": baseline.mean_bpb,
@@ -230,7 +289,7 @@ def main() -> int:
     if summary["tokens_to_baseline_bpb"]:
         summary["token_ratio"] = summary["tokens_to_baseline_bpb"] / summary["baseline_tokens"]
         for mode, measured in (("eager", eager), ("compiled", compiled)):
-            rate = measured[f"recipe, lr {recipe.lr:g}"] / measured[f"{baseline.name}, lr {baseline.lr:g}"]
+            rate = measured[recipe.name] / measured[baseline.name]
             summary[f"wall_clock_speedup_{mode}"] = rate / summary["token_ratio"]
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     text = table(rows, baseline, eager)

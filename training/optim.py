@@ -300,6 +300,10 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         super().step(epoch)
         self.set_weight_decay()
 
+    def state_dict(self) -> dict[str, Any]:
+        # Like the lr lambdas, the decay's is rebuilt from the command line, not saved (a lambda cannot be pickled).
+        return {key: value for key, value in super().state_dict().items() if key != "decay_lambda"}
+
     def set_weight_decay(self) -> None:
         if self.decay_lambda is None:
             return
