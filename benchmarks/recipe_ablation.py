@@ -3,7 +3,7 @@
     python benchmarks/recipe_ablation.py --data ../shared/data/gutenberg-en --out docs/recipe
     # v2, at the shipped model's shape and budget, each option at three learning rates:
     python benchmarks/recipe_ablation.py --data ../shared/data/gutenberg-en --out docs/recipe-v2 --shape shipped \
-        --train-files children.txt fiction.txt nonfiction.txt --steps 4000 --lr-factors 0.5 1 2 --seeds 1337 1338 1339
+        --train-files children.txt fiction.txt nonfiction.txt --steps 3000 --lr-factors 0.5 1 2 --seeds 1337 1338 1339
 
 Every row trains the same shape on the same tokens (same data order per seed) with `glade pretrain`, two runs side by
 side with one thread each, and is scored by validation bits per byte on held-out books. Phase 1 tunes the AdamW
