@@ -4,15 +4,13 @@ import pytest
 import torch
 
 from glade import GladeConfig, GladeForCausalLM
+from glade.tiny import tiny_model
 
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def tiny(**options) -> GladeForCausalLM:
-    torch.manual_seed(0)
-    config = GladeConfig(n_layer=3, n_embd=32, n_head=4, n_positions=32, vocab_size=97, positions="rotary",
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **options)
-    return GladeForCausalLM(config).eval()
+    return tiny_model(n_layer=3, vocab_size=97, positions="rotary", **options)
 
 
 def plain_twin(model: GladeForCausalLM) -> GladeForCausalLM:

@@ -4,16 +4,14 @@ import pytest
 import torch
 
 from glade import GladeConfig, GladeForCausalLM
+from glade.tiny import tiny_model
 from glade.training.optim import make_optimizer
 
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def tiny(**options) -> GladeForCausalLM:
-    torch.manual_seed(0)
-    config = GladeConfig(n_layer=3, n_embd=64, n_head=4, n_positions=32, vocab_size=97, positions="rotary",
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **options)
-    return GladeForCausalLM(config).eval()
+    return tiny_model(n_layer=3, vocab_size=97, positions="rotary", **options)
 
 
 @pytest.mark.parametrize("n_layer, layers", [(3, (0, 2)), (4, (1, 3)), (1, (0,))])
@@ -37,7 +35,7 @@ def test_values_gain_the_gated_embedding_of_each_token(n_kv_head):
     plain = tiny(n_kv_head=n_kv_head)
     loaded = plain.load_state_dict(model.state_dict(), strict=False)
     assert not loaded.missing_keys and all("value_embeds" in key or "ve_gate" in key for key in loaded.unexpected_keys)
-    query_size, kv_size = 64, n_kv_head * 16
+    query_size, kv_size = 64, n_kv_head * 16  # tiny_model: 64 wide, 4 heads of 16
     for layer in (0, 2):
         attention, table = model.transformer.h[layer].attn, model.transformer.value_embeds[str(layer)]
 
