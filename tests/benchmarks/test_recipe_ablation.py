@@ -1,7 +1,6 @@
 """`benchmarks/recipe_ablation.py`: what each option row asks `glade pretrain` for, and which learning rate counts."""
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest

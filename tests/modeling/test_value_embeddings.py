@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from glade import GladeConfig, GladeForCausalLM
 from glade.tiny import tiny_model
 from glade.training.optim import make_optimizer
