@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from glade.atomic import write_text_atomically
-from glade.loading import looks_like_local_path
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
+
+from glade.atomic import write_text_atomically
+from glade.loading import looks_like_local_path
 
 # Bump when the token file layout changes, so stale caches are not reused.
 CACHE_FORMAT = 1

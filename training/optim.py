@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from glade.modeling_glade import GladeBlock
 from torch import nn
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from glade.modeling_glade import GladeBlock
 
 OPTIMIZERS = ("adamw", "muon")
 # Swept at a tiny shape: validation loss after `glade pretrain --config C --tokenizer T --data

@@ -24,21 +24,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from glade.atomic import check_writable_directory
-from glade.cli import main as glade_main
 from torch.distributed.tensor import DTensor
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from glade.atomic import check_writable_directory
+from glade.cli import main as glade_main
+
 from .checkpointing import remove_stale_staging, save_checkpoint
-from .data import (
-    IGNORE_INDEX,
-    StepBatchSampler,
-    TokenBlocks,
-    eval_batches,
-    make_loader,
-    model_inputs,
-)
+from .data import IGNORE_INDEX, StepBatchSampler, TokenBlocks, eval_batches, make_loader, model_inputs
 from .export_final import export_final, push
 from .metrics import MetricsLog
 from .output_dir import check_no_earlier_run, one_run_per_output_dir

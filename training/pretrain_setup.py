@@ -8,23 +8,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    DistributedType,
-    DynamoBackend,
-    TorchDynamoPlugin,
-    broadcast_object_list,
-    set_seed,
-)
-from glade import (  # registers glade with the Auto classes
-    GladeConfig,
-    GladeForCausalLM,
-    GladePreTrainedModel,
-)
-from glade.hardware import choose_precision, cpu_name
-from glade.loading import check_weights, read_checkpoint_config, read_config_file
+from accelerate.utils import DistributedType, DynamoBackend, TorchDynamoPlugin, broadcast_object_list, set_seed
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
+from glade import GladeConfig, GladeForCausalLM, GladePreTrainedModel  # registers glade with the Auto classes
+from glade.loading import check_weights, read_checkpoint_config, read_config_file
+from glade.hardware import choose_precision, cpu_name
+
 from . import distributed
+from .kernel_choice import UNCOMPILED, choose_kernel
 from .data import (
     DocumentShuffledBlocks,
     TextSource,
@@ -34,10 +26,9 @@ from .data import (
     split_train_val,
     tokenize_to_cache,
 )
-from .kernel_choice import UNCOMPILED, choose_kernel
 from .optim import check_optimizer_fits, make_optimizer, make_scheduler
-from .pretrain_config import PretrainConfig
 from .weight_average import check_average_fits
+from .pretrain_config import PretrainConfig
 
 
 def resolve_sources(config: PretrainConfig) -> tuple[TextSource, TextSource | None]:

@@ -10,19 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from glade.configuration_glade import GladeConfig
 from transformers import PreTrainedConfig
 
-from .checkpointing import (
-    TRAINER_STATE,
-    CheckpointError,
-    find_checkpoint,
-    read_trainer_state,
-    set_aside_later_saves,
-)
+from glade.configuration_glade import GladeConfig
+
+from .checkpointing import TRAINER_STATE, CheckpointError, find_checkpoint, read_trainer_state, set_aside_later_saves
 from .distributed import main_process_decides
-from .optim import command_line_hyperparameters, restore_hyperparameters
 from .output_dir import FINAL_DIR
+from .optim import command_line_hyperparameters, restore_hyperparameters
 from .pretrain_config import PretrainConfig
 
 logger = logging.getLogger("glade.pretrain")
