@@ -11,8 +11,10 @@ fused loss alone (`causal_lm_loss_from_hidden`, forward + backward) with no cap 
 import argparse
 
 import torch
+
 from glade import GladeConfig, GladeForCausalLM
 from glade.kernels_glade import causal_lm_loss_from_hidden
+
 from timing import alternate, cpu_flags
 
 SHAPES = {"glade-tiny": (4, 128), "shipped (6 x 256)": (6, 256)}
