@@ -276,7 +276,7 @@ def main() -> int:
     rows = [*lr_rows, *single, *on_muon, recipe, everything, short]
     summary = {
         "shape": SHAPES[args.shape], "train_files": args.train_files, "steps": args.steps,
-        "tokens_per_run": args.steps * 16 * 256, "seeds": args.seeds, "lr_factors": args.lr_factors,
+        "seeds": args.seeds, "lr_factors": args.lr_factors,
         "baseline": baseline.name, "baseline_lr": baseline.lr, "recipe_options": recipe_options,
         "tokens_to_baseline_bpb": tokens_to_reach(recipe.mean_curve(), baseline.mean_bpb),
         "baseline_tokens": float(baseline.mean_curve()[-1, 0]),

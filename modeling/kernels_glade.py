@@ -34,11 +34,14 @@ class ChunkBuffers:
         narrow = compute_dtype != torch.float32
         self.product = torch.empty((rows, vocab), dtype=compute_dtype, device=device) if narrow else None
 
-    def logits_of(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def logits_of(self, hidden: torch.Tensor, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """fp32 `scale * hidden @ weight.T`: a narrower product is scaled as it is copied, with no second rounding."""
         logits = self.logits[: hidden.shape[0]]
         if self.product is None:
-            return torch.matmul(hidden, weight.T, out=logits)
-        return logits.copy_(torch.matmul(hidden, weight.T, out=self.product[: hidden.shape[0]]))
+            return torch.matmul(hidden * scale if scale != 1.0 else hidden, weight.T, out=logits)
+        # Scaled after the copy: torch.mul(product, scale, out=logits) would round the product in its narrow dtype.
+        logits.copy_(torch.matmul(hidden, weight.T, out=self.product[: hidden.shape[0]]))
+        return logits.mul_(scale) if scale != 1.0 else logits
 
     def in_compute_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
         if self.product is None:
@@ -68,13 +71,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             chunk = max(1, min(hidden.shape[0], max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // weight.shape[0])))
             buffers = ChunkBuffers(chunk, weight.shape[0], compute_dtype, hidden.device, softcap is not None)
             # With a cap c, logits are c tanh(z / c) = c (2 s - 1) with s = sigmoid(2 z / c), written so because
-            # torch's CPU sigmoid is several times faster than its tanh: the chunk's matmul takes 2 / c in its
-            # hidden states and its output becomes s in place. d loss / d z gains d(c tanh(z/c))/dz = 4 s (1 - s),
+            # torch's CPU sigmoid is several times faster than its tanh: the chunk's logits come scaled by 2 / c
+            # and become s in place. d loss / d z gains d(c tanh(z/c))/dz = 4 s (1 - s),
             # whose 4 joins the softmax's per-row scale.
             scale, gain = (1.0, 1.0) if softcap is None else (2 / softcap, 4.0)
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                logits = buffers.logits_of(hidden_c[rows] * scale if softcap else hidden_c[rows], weight_c)
+                logits = buffers.logits_of(hidden_c[rows], weight_c, scale)
                 if softcap is None:
                     target_logits = logits.gather(1, safe_targets[rows]).squeeze(1)
                     max_logits = logits.amax(dim=-1, keepdim=True)

@@ -241,7 +241,8 @@ class GladeAttention(nn.Module):
         )
         if value_embedding is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(hidden_states[..., : self.ve_gate.in_features]))
-            value = value + gate.unsqueeze(-1) * value_embedding.view(hidden_shape)
+            # The table is not autocast: its fp32 rows would promote the values past the queries' and keys' dtype.
+            value = value + (gate.unsqueeze(-1) * value_embedding.view(hidden_shape)).to(value.dtype)
         if self.config.qk_norm and not self.qk_norm_after_rope:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

@@ -424,6 +424,8 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
+# Tokens per slice when DocumentShuffledBlocks looks for the ends of documents.
+SCAN_TOKENS = 1 << 24
 # Mixed into the seed of an epoch's document order, so that it is drawn apart from the same epoch's block order.
 DOCUMENT_ORDER_STREAM = 1
 
@@ -465,12 +467,23 @@ class DocumentShuffledBlocks(TokenBlocks):
 
     def document_spans(self) -> tuple[np.ndarray, np.ndarray]:
         if self._spans is None:
-            ends = np.flatnonzero(self.tokens()[self.start : self.stop] == self.eos_token_id) + 1
+            ends = self._document_ends()
             if not len(ends) or ends[-1] != self.stop - self.start:
                 ends = np.append(ends, self.stop - self.start)
             starts = np.concatenate([[0], ends[:-1]])
             self._spans = (starts + self.start, ends - starts)
         return self._spans
+
+    def _document_ends(self) -> np.ndarray:
+        """Where each end-of-text token ends its document, relative to `start`, read a slice at a time so that a
+        corpus larger than memory never needs a mask of its size."""
+        tokens = self.tokens()
+        found = [
+            np.flatnonzero(tokens[begin : min(begin + SCAN_TOKENS, self.stop)] == self.eos_token_id)
+            + (begin - self.start)
+            for begin in range(self.start, self.stop, SCAN_TOKENS)
+        ]
+        return np.concatenate([np.zeros(0, dtype=np.int64), *found]) + 1
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The documents in epoch `epoch`'s order, and where each ends in its stream."""

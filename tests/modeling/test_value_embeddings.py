@@ -63,6 +63,16 @@ def test_cached_and_fast_decoding_give_the_tokens_of_recomputing_the_whole_seque
         assert torch.equal(generated, recomputed), route
 
 
+@torch.no_grad()
+def test_under_autocast_the_values_keep_the_dtype_they_have_without_value_embeddings():
+    def value_dtypes(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return [layer.values.dtype for layer in model(IDS, use_cache=True).cache.layers]
+
+    # The table's rows are fp32 (embeddings are not autocast): added as they are, they would promote the values.
+    assert value_dtypes(tiny(value_embeddings=True)) == value_dtypes(tiny()) == [torch.bfloat16] * 3
+
+
 def test_inputs_embeds_are_refused_by_name():
     model = tiny(value_embeddings=True)
     with pytest.raises(ValueError, match="value embeddings look up each token's id: pass input_ids, not inputs_embeds"):

@@ -281,8 +281,9 @@ def as_documents(stream: list[int]) -> list[list[int]]:
     return cut + ([current] if current else [])
 
 
-def test_each_epoch_reads_every_document_whole_in_its_own_order(documents_file):
+def test_each_epoch_reads_every_document_whole_in_its_own_order(documents_file, monkeypatch):
     token_file, documents = documents_file
+    monkeypatch.setattr(data_module, "SCAN_TOKENS", 7)  # documents' ends are found a slice at a time
     blocks = DocumentShuffledBlocks(token_file, block_size=8, eos_token_id=EOS, seed=1)
     assert len(blocks) == len(TokenBlocks(token_file, block_size=8))
     orders = []
