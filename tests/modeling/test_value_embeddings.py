@@ -49,6 +49,14 @@ def test_values_gain_the_gated_embedding_of_each_token(n_kv_head):
 
 
 @torch.no_grad()
+def test_a_left_padded_row_computes_what_it_computes_alone():
+    model = tiny(value_embeddings=True)
+    padded = torch.cat([torch.full((1, 3), 96), IDS[:1, :5]], dim=1)
+    logits = model(padded, attention_mask=(torch.arange(8) >= 3).long()[None]).logits[0, 3:]
+    torch.testing.assert_close(logits, model(IDS[:1, :5]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_cached_and_fast_decoding_give_the_tokens_of_recomputing_the_whole_sequence():
     model = tiny(value_embeddings=True, residual_lambdas=True)
     for block in model.transformer.h[::2]:
