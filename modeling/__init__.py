@@ -39,7 +39,7 @@ for _auto, _model in (
 # module those import relatively), so they load with trust_remote_code=True without glade.
 REMOTE_CODE_FILES = (
     "configuration_glade.py", "modeling_glade.py", "kernels_glade.py", "fast_generate.py", "decoding.py",
-    "sampling.py", "hardware.py",
+    "sampling.py", "hardware.py", "native_decoding.py",
 )
 GladeConfig.register_for_auto_class()
 GladeModel.register_for_auto_class("AutoModel")

@@ -7,11 +7,12 @@ import sys
 import time
 
 import torch
-from transformers import Pipeline, pipeline
+from transformers import Pipeline, PreTrainedModel, pipeline
 from transformers.generation.streamers import BaseStreamer
 
 from .loading import add_model_argument, default_model, load_model_and_tokenizer
 from .hardware import bf16_support, computable_dtype
+from .native_decoding import unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +141,13 @@ def generate(
     seed: int | None = None,
     device: str | None = None,
     compile: bool = False,
+    quantize: str | None = None,
     timer: LatencyTimer | None = None,
 ) -> list[str]:
     """Continue each prompt; returns prompt + continuation for each.
 
-    Decoding takes Glade's fast route (`glade.fast_generate`) eagerly, or compiled with `compile` (seconds of
+    Decoding takes Glade's fast route (`glade.fast_generate`) on its C step where that runs (fp32 on CPU; with
+    `quantize="int8"`, int8 copies of the projections), eagerly elsewhere, or compiled with `compile` (seconds of
     compilation the first time, repaid only by long or repeated requests). A `timer` gets the call's latencies.
 
     `max_new_tokens` defaults to 100 and `repetition_penalty` to 1.15 when sampling (1.0, off, with `greedy`),
@@ -172,7 +175,7 @@ def generate(
         ),
         "do_sample": not greedy,
         "repetition_penalty": repetition_penalty,
-        "fast_decoding": "compiled" if compile else "eager",
+        "fast_decoding": decoding_route(generator.model, compile, quantize),
         "streamer": timer,
     }
     if not greedy:
@@ -180,6 +183,22 @@ def generate(
         options.update({name: value for name, value in sampling.items() if value is not None})
     results = generator(prompts, batch_size=len(prompts), **options)
     return [result[0]["generated_text"] for result in results]
+
+
+def decoding_route(model: PreTrainedModel, compile: bool, quantize: str | None) -> str:
+    """The fast route's step for a command-line request: asked for, or the C step where it runs, else eager (a
+    one-off request does not repay compiling)."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be int8 or None, got {quantize!r}")
+    if compile and quantize:
+        raise ValueError(
+            "--compile and --quantize do not combine: int8 weights run on the C step, which compiles nothing"
+        )
+    if compile:
+        return "compiled"
+    if quantize:
+        return "int8"
+    return "native" if unavailable(model) is None else "eager"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,7 +217,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step: seconds of compilation (cached on disk for later runs), "
-                             "then several times faster per token; pays off for long outputs")
+                             "then several times faster per token; pays off for long outputs (without it, an fp32 "
+                             "model on CPU decodes on Glade's C step, compiled once per machine in about a second)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="decode with int8 copies of the projections (one scale per output row) on the C step: "
+                             "a quarter of the bytes per token, at a small cost in quality")
     parser.set_defaults(func=_run)
 
 
@@ -207,7 +230,7 @@ def _run(args: argparse.Namespace) -> None:
     texts = generate(
         args.prompt, model=args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
-        seed=args.seed, device=args.device, compile=args.compile, timer=timer,
+        seed=args.seed, device=args.device, compile=args.compile, quantize=args.quantize, timer=timer,
     )
     print("\n\n".join(texts))
     print(timer.report(), file=sys.stderr)

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from .hardware import bf16_support, native_bf16, warn_emulated_bf16
+from .native_decoding import NATIVE_WEIGHTS, NativeStep, library, unavailable, weights_signature
 from .sampling import Sampling, choose, process_scores, seen_tokens
 
 logger = logging.getLogger(__name__)
@@ -92,12 +93,20 @@ def decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """After `tokens` (one per row, at `positions`): the greedy next token [batch, 1], or with sampling the
     probabilities to draw it from [batch, vocab]; and the positions after them. `seen` gains `tokens`."""
-    seen.scatter_(1, tokens, True)
     logits = model(
         input_ids=tokens, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
     ).logits
-    scores = process_scores(logits[:, -1], seen, generated, sampling)
-    return (scores.softmax(-1) if sampling.do_sample else scores.argmax(-1, keepdim=True)), positions + 1
+    return next_choice(logits[:, -1], tokens, seen, generated, sampling), positions + 1
+
+
+def next_choice(
+    logits: torch.Tensor, tokens: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, sampling: Sampling
+) -> torch.Tensor:
+    """The greedy next token [batch, 1], or with sampling the probabilities to draw it from, given the last position's
+    logits [batch, vocab]; `seen` gains the `tokens` those logits followed."""
+    seen.scatter_(1, tokens, True)
+    scores = process_scores(logits, seen, generated, sampling)
+    return scores.softmax(-1) if sampling.do_sample else scores.argmax(-1, keepdim=True)
 
 
 def fused_decode_step(*args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,27 +130,35 @@ class CompiledDecoder:
     Greedy by default; `sampling` (see `glade.sampling`) adds transformers' repetition penalty, minimum length,
     temperature, top-k and top-p, drawn with `generator` like generate() draws from the global one. The prompt runs
     eagerly through the static cache; every following token is one call of the compiled step (`compile=False` runs
-    the same step eagerly: no compilation, for requests too short to pay for it). The first call of a new batch size
-    compiles (~15 s for a small model); later calls reuse it. `max_length` (prompt + new tokens) sizes the cache and
-    defaults to the model's context. Left-padded batches need their `attention_mask`. The model is put in eval mode
-    (no dropout), and weights changed later are used by the next call. One decoder serves one call at a time; calls
-    from other threads wait for it.
+    the same step eagerly: no compilation, for requests too short to pay for it), or with `native="fp32"` /
+    `native="int8"` one call of the C step (`glade.native_decoding`: CPU, fp32 models; int8 quantizes each
+    projection per output row), which compiles nothing per model and then chooses the token eagerly. The first
+    call of a new batch size compiles (~15 s for a small model); later calls reuse it. `max_length` (prompt + new
+    tokens) sizes the cache and defaults to the model's context. Left-padded batches need their `attention_mask`. The
+    model is put in eval mode (no dropout), and weights changed later are used by the next call. One decoder serves
+    one call at a time; calls from other threads wait for it.
     """
 
-    def __init__(self, model: PreTrainedModel, max_length: int | None = None, compile: bool = True):
+    def __init__(
+        self, model: PreTrainedModel, max_length: int | None = None, compile: bool = True, native: str | None = None
+    ):
         context = model.config.max_position_embeddings
         self.max_length = context if max_length is None else max_length
         if not 1 < self.max_length <= context:
             raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {self.max_length}")
+        if native is not None:
+            check_native(model, native)
         self.model = model.eval()
-        self.step = compiled_decode_step if compile else decode_step
+        self.native = native
+        self.native_step: NativeStep | None = None
+        self.step = self.call_native_step if native else compiled_decode_step if compile else decode_step
         self.cache: StaticCache | None = None
         # One call at a time: calls share the cache, and compiled kernels run from two threads at once have crashed
         # the process.
         self.lock = threading.Lock()
         if model.dtype == torch.bfloat16 and not native_bf16(model.device):
             warn_emulated_bf16(bf16_support(model.device))
-        if compile and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and torch.get_num_threads() > 1:
+        if self.compiled and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and torch.get_num_threads() > 1:
             logger.warning(
                 "OMP_WAIT_POLICY=PASSIVE: each of a compiled step's parallel loops ends with its threads asleep, and "
                 "decoding runs ~2.5x slower than with OpenMP's default policy (docs/benchmarks.md)"
@@ -150,6 +167,21 @@ class CompiledDecoder:
     @property
     def compiled(self) -> bool:
         return self.step is compiled_decode_step
+
+    def call_native_step(
+        self,
+        model: PreTrainedModel,
+        cache: StaticCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        seen: torch.Tensor,
+        generated: torch.Tensor,
+        sampling: Sampling,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_step` with the model's forward in C."""
+        logits = self.native_step.logits_after(tokens, positions, attention_mask)
+        return next_choice(logits, tokens, seen, generated, sampling), positions + 1
 
     @torch.no_grad()
     def generate(
@@ -217,13 +249,18 @@ class CompiledDecoder:
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        # The prompt runs eagerly: its length is seen once, and the compiled step only ever sees one token per row.
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True, logits_to_keep=1
-        ).logits
+        if self.native == "int8":
+            logits = self._native_prompt(input_ids, full_mask)
+        else:
+            # The prompt runs eagerly: its length is seen once, and the compiled step only sees one token per row.
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True, logits_to_keep=1
+            ).logits[:, -1]
+            if self.native:
+                self._bind_native_step(batch)
         seen = seen_tokens(input_ids, attention_mask, vocab_size)
         generated = torch.zeros((), dtype=torch.long, device=device)
-        tokens = choose(process_scores(logits[:, -1], seen, generated, sampling), sampling, generator)
+        tokens = choose(process_scores(logits, seen, generated, sampling), sampling, generator)
         positions = attention_mask.long().sum(-1, keepdim=True)  # the next token's position (left padding excluded)
         done = torch.zeros((batch, 1), dtype=torch.bool, device=device)
         # A streamer sees every step, so the loop may as well stop at the first step where every row has ended.
@@ -253,6 +290,29 @@ class CompiledDecoder:
             streamer.end()
         return self._trim(torch.cat([input_ids, *new_tokens], dim=1), prompt_length, stop_ids)
 
+    def _native_prompt(self, input_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
+        """The last position's logits [batch, vocab] after the prompt, run through the C step one position at a time,
+        so that int8 weights compute the prompt's keys and values too."""
+        config = self.model.config
+        batch, prompt_length = input_ids.shape
+        self.cache.early_initialization(
+            batch, config.n_kv_head, config.n_embd // config.n_head, self.model.dtype, self.model.device
+        )
+        self._bind_native_step(batch)
+        positions = (full_mask[:, :prompt_length].long().cumsum(-1) - 1).clamp(min=0)
+        for slot in range(prompt_length):
+            token, position = input_ids[:, slot : slot + 1], positions[:, slot : slot + 1]
+            logits = self.native_step.logits_after(token, position, full_mask)
+        return logits
+
+    def _bind_native_step(self, batch: int) -> None:
+        step = self.native_step
+        if step is None or step.batch != batch or step.signature != weights_signature(self.model):
+            step = self.native_step = NativeStep(
+                library(), self.model, batch, self.max_length, int8=self.native == "int8"
+            )
+        step.bind(self.cache)
+
     @staticmethod
     def _trim(sequences: torch.Tensor, prompt_length: int, stop_ids: torch.Tensor) -> torch.Tensor:
         """Cut the padding that every row carries after the last row ended (done is checked only now and then)."""
@@ -276,6 +336,15 @@ class CompiledDecoder:
             self.cache.reset()
             return
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_length)
+
+
+def check_native(model: PreTrainedModel, native: str) -> None:
+    """Refuse, with the reason, a native step that cannot run `model` here."""
+    if native not in NATIVE_WEIGHTS:
+        raise ValueError(f"native must be one of {', '.join(NATIVE_WEIGHTS)} (or None), got {native!r}")
+    reason = unavailable(model)
+    if reason is not None:
+        raise ValueError(f"the native decoding step cannot run this model: {reason}")
 
 
 def greedy(vocab_size: int, device: torch.device) -> Sampling:

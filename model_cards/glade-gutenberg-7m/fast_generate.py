@@ -10,9 +10,12 @@ and only the processors `glade.sampling` reproduces (repetition penalty, minimum
 Its settings are read from what transformers' own preparation builds, so the two routes cannot disagree on them.
 Anything else goes to transformers' `generate()` unchanged. `fast_decoding` (a `generate()` keyword or a generation
 config field) picks the route:
-- "auto" (default): the fast route, compiled for requests of `COMPILE_MIN_NEW_TOKENS` or more new tokens per row and
-  for every request of a batch size that already has a compiled decoder, eager otherwise (compiling costs seconds, a
-  short one-off request does not repay it);
+- "auto" (default): the fast route; its step is the C one (`glade.native_decoding`) where it runs (an fp32 model on
+  CPU, a C compiler at hand), and otherwise compiled for requests of `COMPILE_MIN_NEW_TOKENS` or more new tokens per
+  row and for every request of a batch size that already has a compiled decoder, eager otherwise (compiling costs
+  seconds, a short one-off request does not repay it);
+- "native" / "int8": the fast route on the C step, with the model's fp32 weights / int8 copies of its projections
+  (one scale per output row); refused, with the reason, where the C step cannot run;
 - "compiled" / "eager": the fast route, always compiled / never compiled;
 - "off": transformers' `generate()`.
 """
@@ -29,10 +32,13 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
-from .decoding import CompiledDecoder
+from .decoding import CompiledDecoder, check_native
+from .native_decoding import unavailable
 from .sampling import Sampling
 
-FAST_DECODING_MODES = ("auto", "compiled", "eager", "off")
+FAST_DECODING_MODES = ("auto", "native", "int8", "compiled", "eager", "off")
+# The decoder of each route: its `compile` and `native` arguments.
+ROUTES = {"native": (False, "fp32"), "int8": (False, "int8"), "compiled": (True, None), "eager": (False, None)}
 MAX_BATCH = 8
 COMPILE_MIN_NEW_TOKENS = 128
 # Shortest cache a decoder is built with; longer ones double up to the model's context, so that requests of nearby
@@ -53,7 +59,7 @@ class FastRequest:
     sampling: Sampling
     eos_token_id: list[int] | None
     pad_token_id: int | None
-    compile: bool
+    route: str  # a key of ROUTES
 
 
 class DecoderPool:
@@ -61,17 +67,18 @@ class DecoderPool:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.decoders: dict[tuple[int, bool], CompiledDecoder] = {}
+        self.decoders: dict[tuple[int, str], CompiledDecoder] = {}
 
     def has_compiled(self, batch: int) -> bool:
-        return (batch, True) in self.decoders
+        return (batch, "compiled") in self.decoders
 
-    def decoder(self, model: PreTrainedModel, batch: int, length: int, compile: bool) -> CompiledDecoder:
-        decoder = self.decoders.get((batch, compile))
+    def decoder(self, model: PreTrainedModel, batch: int, length: int, route: str) -> CompiledDecoder:
+        decoder = self.decoders.get((batch, route))
         if decoder is None or decoder.max_length < length:
             context = model.config.max_position_embeddings
             cache_length = min(context, max(MIN_CACHE_LENGTH, 1 << (length - 1).bit_length()))
-            decoder = self.decoders[(batch, compile)] = CompiledDecoder(model, cache_length, compile=compile)
+            compile, native = ROUTES[route]
+            decoder = self.decoders[(batch, route)] = CompiledDecoder(model, cache_length, compile, native)
         return decoder
 
 
@@ -98,6 +105,8 @@ def fast_generate(
     mode = fast_decoding or getattr(generation_config or model.generation_config, "fast_decoding", None) or "auto"
     if mode not in FAST_DECODING_MODES:
         raise ValueError(f"fast_decoding must be one of {', '.join(FAST_DECODING_MODES)}, got {mode!r}")
+    if mode in ("native", "int8"):
+        check_native(model, ROUTES[mode][1])
     streamer = kwargs.pop("streamer", None)
     request = None if mode == "off" else plan(model, inputs, generation_config, kwargs, mode)
     if request is None:
@@ -106,7 +115,7 @@ def fast_generate(
     pool = decoder_pool(model)
     batch, prompt_length = request.input_ids.shape
     with pool.lock:
-        decoder = pool.decoder(model, batch, prompt_length + request.max_new_tokens, request.compile)
+        decoder = pool.decoder(model, batch, prompt_length + request.max_new_tokens, request.route)
         return decoder.generate(
             request.input_ids, request.max_new_tokens, attention_mask=request.attention_mask,
             eos_token_id=request.eos_token_id, pad_token_id=request.pad_token_id, sampling=request.sampling,
@@ -172,10 +181,14 @@ def plan(
     if sampling is None:
         return None
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
-    compile = mode == "compiled" or (
-        mode == "auto"
-        and (max_new_tokens >= COMPILE_MIN_NEW_TOKENS or decoder_pool(model).has_compiled(input_ids.shape[0]))
-    )
+    route = mode
+    if mode == "auto":
+        if unavailable(model) is None:
+            route = "native"
+        elif max_new_tokens >= COMPILE_MIN_NEW_TOKENS or decoder_pool(model).has_compiled(input_ids.shape[0]):
+            route = "compiled"
+        else:
+            route = "eager"
     return FastRequest(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -183,7 +196,7 @@ def plan(
         sampling=sampling,
         eos_token_id=eos.flatten().tolist() if eos is not None else None,
         pad_token_id=int(pad) if pad is not None else None,
-        compile=compile,
+        route=route,
     )
 
 

@@ -83,13 +83,15 @@ def test_end_ids_end_rows_as_generate_does(gpt2_model):
 
 
 def test_auto_compiles_long_requests_and_every_request_of_a_batch_size_compiled_before(gpt2_model, monkeypatch):
+    """Where the C step cannot run (here: made unavailable)."""
+    monkeypatch.setattr(fast_generate, "unavailable", lambda model: "no compiler")
     monkeypatch.setattr(fast_generate, "COMPILE_MIN_NEW_TOKENS", 20)
     seeded(gpt2_model, "auto", max_new_tokens=8)
-    assert list(fast_generate.decoder_pool(gpt2_model).decoders) == [(3, False)]
+    assert list(fast_generate.decoder_pool(gpt2_model).decoders) == [(3, "eager")]
     seeded(gpt2_model, "auto", max_new_tokens=20)
     seeded(gpt2_model, "auto", max_new_tokens=4)
-    assert list(fast_generate.decoder_pool(gpt2_model).decoders) == [(3, False), (3, True)]
-    assert fast_generate.decoder_pool(gpt2_model).decoders[(3, True)].compiled
+    assert list(fast_generate.decoder_pool(gpt2_model).decoders) == [(3, "eager"), (3, "compiled")]
+    assert fast_generate.decoder_pool(gpt2_model).decoders[(3, "compiled")].compiled
 
 
 FALLBACKS = {
@@ -146,7 +148,7 @@ def test_a_seeded_generator_draws_the_same_tokens_on_transformers_route(gpt2_mod
 
 
 def test_an_unknown_route_is_refused_by_name(gpt2_model):
-    with pytest.raises(ValueError, match="fast_decoding must be one of auto, compiled, eager, off, got 'fast'"):
+    with pytest.raises(ValueError, match="fast_decoding must be one of auto, native, int8, compiled, eager, off, got 'fast'"):
         gpt2_model.generate(PROMPTS, fast_decoding="fast")
 
 
@@ -167,7 +169,7 @@ def test_pipeline_takes_the_fast_route_with_left_padded_batches(gpt2_model):
     expected = generator(prompts, fast_decoding="off", **options)
     assert fast_route_runs(gpt2_model) == 0
     assert generator(prompts, **options) == expected
-    assert list(fast_generate.decoder_pool(gpt2_model).decoders) == [(8, False)]
+    assert list(fast_generate.decoder_pool(gpt2_model).decoders) == [(8, "native")]
 
 
 def test_streamers_get_what_generate_streams(gpt2_model, capsys):

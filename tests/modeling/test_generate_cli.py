@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoint_helpers import rewrite_weights
-from glade import fast_generate
+from glade import fast_generate, native_decoding
 from glade.cli import main
 from glade.decoding import CompiledDecoder
 from glade.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPETITION_PENALTY, generate, load_generator
@@ -134,6 +134,25 @@ def test_cli_decodes_on_the_fast_route_eagerly_unless_asked_to_compile(checkpoin
     assert out == greedy_continuation("Hello", 6) + "\n"
     assert built == [compiled]
     assert re.search(r"first token after \d+ ms; 6 steps, then \d+ steps/s", err)
+
+
+@pytest.mark.skipif(native_decoding.library() is None, reason="no C compiler to build the native step")
+def test_quantize_int8_decodes_on_the_c_step_with_int8_weights(checkpoint, capsys, monkeypatch):
+    built = []
+
+    class RecordingDecoder(CompiledDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.native)
+
+    monkeypatch.setattr(fast_generate, "CompiledDecoder", RecordingDecoder)
+    assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "6",
+                 "--quantize", "int8"]) == 0
+    assert built == ["fp32", "int8"]
+    with pytest.raises(SystemExit):
+        main(["generate", "Hello", "--model", str(checkpoint), "--quantize", "int8", "--compile"])
+    assert "--compile and --quantize do not combine" in capsys.readouterr().err
 
 
 @pytest.mark.slow
