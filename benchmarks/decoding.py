@@ -7,11 +7,12 @@ Each route continues the same prompt at batch 1. Per-token milliseconds are (tim
 tokens - time of a call making `--short-tokens`) / their difference, each the median of `--repeats` calls after a
 warm-up call of both lengths, so that prompt processing, compilation and per-call costs cancel out. Routes:
 - `pipeline` greedy and with the checkpoint's sampling settings: `pipeline("text-generation")` as it comes
-  (`glade.fast_generate`'s "auto" route), and with `fast_decoding="off"` (transformers' generate());
+  (`glade.fast_generate`'s "auto" route: the C step where it runs), with `fast_decoding="int8"` (the C step on int8
+  weights), and with `fast_decoding="off"` (transformers' generate());
 - `CompiledDecoder`: the compiled step called directly, greedy;
 - `gpt2 static compiled`: transformers' GPT-2 of the same shape (learned positions where the checkpoint has rotary
   ones), `generate()` with a static cache and compilation forced on CPU, GPT-2's fastest transformers route;
-- `llama.cpp f32`: llama-cpp-python on the checkpoint's `glade export gguf` file (f32), where it is installed;
+- `llama.cpp f32` / `q8_0`: llama-cpp-python on the checkpoint's `glade export gguf` files, where it is installed;
 - `floor`: the checkpoint's weight bytes over the rate a sum streams a buffer of the same size.
 """
 
@@ -83,6 +84,8 @@ def routes(checkpoint: str, threads: int) -> dict[str, Callable[[int], object]]:
     found = {
         "pipeline greedy": pipe(do_sample=False),
         "pipeline sampling": pipe(**sampling),
+        "pipeline greedy, int8": pipe(do_sample=False, fast_decoding="int8"),
+        "pipeline sampling, int8": pipe(fast_decoding="int8", **sampling),
         "pipeline greedy, transformers' generate()": pipe(do_sample=False, fast_decoding="off"),
         "pipeline sampling, transformers' generate()": pipe(fast_decoding="off", **sampling),
         "CompiledDecoder greedy": lambda tokens: decoder.generate(prompt, tokens),
@@ -90,13 +93,14 @@ def routes(checkpoint: str, threads: int) -> dict[str, Callable[[int], object]]:
             prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, cache_implementation="static"
         ),
     }
-    llama = llama_cpp_route(model, tokenizer, threads)
-    if llama is not None:
-        found["llama.cpp f32 greedy"] = llama
+    for dtype in ("f32", "q8_0"):
+        llama = llama_cpp_route(model, tokenizer, threads, dtype)
+        if llama is not None:
+            found[f"llama.cpp {dtype} greedy"] = llama
     return found
 
 
-def llama_cpp_route(model, tokenizer, threads: int) -> Callable[[int], object] | None:
+def llama_cpp_route(model, tokenizer, threads: int, dtype: str) -> Callable[[int], object] | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -107,7 +111,7 @@ def llama_cpp_route(model, tokenizer, threads: int) -> Callable[[int], object] |
     folder = Path(tempfile.mkdtemp(prefix="glade-decoding-"))
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
-    export_gguf(folder / "model", folder / "model.gguf", dtype="f32")
+    export_gguf(folder / "model", folder / "model.gguf", dtype=dtype)
     llama = Llama(str(folder / "model.gguf"), n_ctx=model.config.n_positions, n_threads=threads,
                   n_threads_batch=threads, verbose=False)
     prompt = tokenizer(PROMPT).input_ids

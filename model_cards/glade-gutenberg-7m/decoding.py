@@ -352,5 +352,6 @@ def greedy(vocab_size: int, device: torch.device) -> Sampling:
     zero, one = torch.zeros((), dtype=torch.long, device=device), torch.ones((), device=device)
     end_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
     return Sampling(
-        do_sample=False, end_mask=end_mask, min_new_tokens=zero, repetition_penalty=one, temperature=one
+        do_sample=False, end_mask=end_mask, min_new_tokens=zero, repetition_penalty=one, temperature=one,
+        penalize=False, hold_ends=False,
     )

@@ -164,9 +164,23 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_fake_quantized(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as the int8 step computes with it: for measuring what int8 costs in quality."""
+    """The weight as the int8 step computes with it."""
     quantized, scale = quantize_int8(weight)
     return quantized.float() * scale[:, None]
+
+
+def int8_twin(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of `model` that computes what the int8 step does, in fp32: every projection of the blocks and the head
+    rounded to int8 per row (a tied head is untied: the step embeds with the fp32 table). For measuring what int8
+    costs in quality, with any evaluation that takes a model."""
+    twin = type(model)(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for module in twin.transformer.h.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(int8_fake_quantized(module.weight))
+    twin.lm_head.weight = nn.Parameter(int8_fake_quantized(model.lm_head.weight))
+    return twin
 
 
 class NativeStep:
@@ -240,21 +254,25 @@ class NativeStep:
         )
 
     def bind(self, cache: StaticCache) -> None:
-        self.cache = cache
+        """Point the step at `cache`, whose next free slot follows the positions it holds. The step counts slots
+        itself (advancing the cache's tensor counters would cost more than a small model's attention); the cache is
+        for this step alone until it is reset."""
+        self.slot = int(cache.layers[0].cumulative_length)
+        self.length = cache.layers[0].max_cache_len
         for layer, cached in zip(self.layers, cache.layers):
             layer.keys, layer.values = cached.keys.data_ptr(), cached.values.data_ptr()
 
     def logits_after(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[batch, vocab] logits after `tokens` [batch, 1] at `positions` [batch, 1], attending where `mask`
         [batch, cache length] is nonzero; their keys and values fill the cache's next slot."""
-        slot = int(self.cache.layers[0].cumulative_length)
+        if self.slot >= self.length:
+            raise ValueError(f"the cache's {self.length} positions are full")
         tokens, positions, mask = (tensor.long().contiguous() for tensor in (tokens, positions, mask))
         self.lib.glade_step(
-            ctypes.byref(self.model), tokens.data_ptr(), positions.data_ptr(), mask.data_ptr(), slot, self.batch,
+            ctypes.byref(self.model), tokens.data_ptr(), positions.data_ptr(), mask.data_ptr(), self.slot, self.batch,
             self.logits.data_ptr(), torch.get_num_threads(),
         )
-        for layer in self.cache.layers:
-            layer.cumulative_length.add_(1)
+        self.slot += 1
         return self.logits
 
 

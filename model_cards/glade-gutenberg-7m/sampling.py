@@ -38,6 +38,10 @@ class Sampling:
     top_k: torch.Tensor | None = None
     top_k_bound: int = 0  # a power of two >= top_k: the graph holds topk(top_k_bound), not one graph per top_k
     top_p_cut: torch.Tensor | None = None  # 1 - top_p, computed in float64 as transformers does before comparing
+    # Whether the penalty and the minimum length are on: off, their ops are skipped (a graph each way), where they
+    # would leave the scores as they were at the cost of a few passes over the vocabulary per token.
+    penalize: bool = True
+    hold_ends: bool = True
 
     @classmethod
     def from_processors(
@@ -74,6 +78,8 @@ class Sampling:
                 return None
         return cls(
             do_sample=do_sample,
+            penalize=settings["repetition_penalty"] != 1.0,
+            hold_ends=settings["min_new_tokens"] > 0 and bool(end_mask.any()),
             end_mask=end_mask,
             min_new_tokens=scalar(settings["min_new_tokens"], torch.long),
             repetition_penalty=scalar(settings["repetition_penalty"]),
@@ -99,9 +105,11 @@ def process_scores(
     """The scores `generate()` chooses from, given the last position's logits, the ids seen so far and the number of
     tokens generated so far. A neutral setting leaves the scores bit for bit as they were (x * 1 and x / 1 are exact)."""
     scores = logits.float()
-    penalty = sampling.repetition_penalty
-    scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-    scores = scores.masked_fill(sampling.end_mask & (generated < sampling.min_new_tokens), FILTERED)
+    if sampling.penalize:
+        penalty = sampling.repetition_penalty
+        scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if sampling.hold_ends:
+        scores = scores.masked_fill(sampling.end_mask & (generated < sampling.min_new_tokens), FILTERED)
     if not sampling.do_sample:
         return scores
     scores = scores / sampling.temperature

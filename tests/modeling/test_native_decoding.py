@@ -9,7 +9,7 @@ from transformers import StaticCache
 
 from glade import fast_generate, native_decoding
 from glade.decoding import CompiledDecoder
-from glade.native_decoding import NativeStep, int8_fake_quantized, library, quantize_int8, unavailable
+from glade.native_decoding import NativeStep, int8_twin, library, quantize_int8, unavailable
 from glade.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler to build the native step")
@@ -33,19 +33,6 @@ NATIVE_ARCHITECTURES = {
 @pytest.fixture(params=list(NATIVE_ARCHITECTURES))
 def native_model(request):
     return tiny_model(seed=1, **NATIVE_ARCHITECTURES[request.param])
-
-
-def fake_quantized(model):
-    """The model with every projection (head included) replaced by what the int8 step computes with; a tied head is
-    untied, since the step embeds with the fp32 table and unembeds with its int8 copy."""
-    twin = type(model)(model.config).eval()
-    twin.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for module in twin.transformer.h.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(int8_fake_quantized(module.weight))
-    twin.lm_head.weight = torch.nn.Parameter(int8_fake_quantized(model.lm_head.weight))
-    return twin
 
 
 def stepwise_logits(model, native: str | None, steps: int = 5) -> torch.Tensor:
@@ -89,7 +76,7 @@ def test_logits_are_the_models_for_every_step_and_row(native_model):
 
 
 def test_int8_logits_are_those_of_the_fake_quantized_model(native_model):
-    expected = stepwise_logits(fake_quantized(native_model), None)
+    expected = stepwise_logits(int8_twin(native_model), None)
     torch.testing.assert_close(stepwise_logits(native_model, "int8"), expected, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(stepwise_logits(native_model, "fp32"), expected, atol=1e-4)  # int8 is not fp32
 
@@ -107,7 +94,7 @@ def test_generate_routes_give_generates_greedy_tokens(native_model):
     assert torch.equal(native_model.generate(PROMPTS, **options), expected)  # auto takes the C step
     assert list(fast_generate.decoder_pool(native_model).decoders) == [(3, "native")]
     int8 = native_model.generate(PROMPTS, fast_decoding="int8", **options)
-    assert torch.equal(int8, fake_quantized(native_model).generate(PROMPTS, fast_decoding="off", **options))
+    assert torch.equal(int8, int8_twin(native_model).generate(PROMPTS, fast_decoding="off", **options))
 
 
 def test_sampling_with_a_seed_gives_generates_tokens(gpt2_model):
