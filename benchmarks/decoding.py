@@ -2,10 +2,13 @@
 
     python benchmarks/decoding.py                          # the shipped model, ~3 minutes (compilation included)
     python benchmarks/decoding.py --model DIR --threads 1  # any Glade checkpoint, another thread count
+    python benchmarks/decoding.py --only "^pipeline" llama --rounds 3  # some routes, taking turns, three times
 
 Each route continues the same prompt at batch 1. Per-token milliseconds are (time of a call making `--new-tokens` new
 tokens - time of a call making `--short-tokens`) / their difference, each the median of `--repeats` calls after a
-warm-up call of both lengths, so that prompt processing, compilation and per-call costs cancel out. Routes:
+warm-up call of both lengths, so that prompt processing, compilation and per-call costs cancel out. With `--rounds`
+the routes take turns that many times and each figure is the median of its rounds: on a machine whose speed drifts
+(a shared host), routes compared in one round saw the same conditions. Routes:
 - `pipeline` greedy and with the checkpoint's sampling settings: `pipeline("text-generation")` as it comes
   (`glade.fast_generate`'s "auto" route: the C step where it runs), with `fast_decoding="int8"` (the C step on int8
   weights), and with `fast_decoding="off"` (transformers' generate());
@@ -18,6 +21,7 @@ warm-up call of both lengths, so that prompt processing, compilation and per-cal
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--short-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every route this many times, in turns")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="the routes whose names match one of these regular expressions")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if not 0 < args.short_tokens < args.new_tokens:
@@ -139,16 +146,24 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     checkpoint = args.model or default_model()
     model, _ = load_model_and_tokenizer(checkpoint)
-    floor, megabytes = floor_ms(model, args.repeats * 4)
+    chosen = {name: run for name, run in routes(str(checkpoint), args.threads).items()
+              if args.only is None or any(re.search(pattern, name) for pattern in args.only)}
+    timings: dict[str, list[float]] = {"floor": [], **{name: [] for name in chosen}}
+    for _ in range(args.rounds):
+        floor, megabytes = floor_ms(model, args.repeats * 4)
+        timings["floor"].append(floor)
+        for name, run in chosen.items():
+            timings[name].append(per_token_ms(run, args.new_tokens, args.short_tokens, args.repeats))
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    floor = medians.pop("floor")
     report = {"checkpoint": str(checkpoint), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": args.threads,
-              "torch": torch.__version__, "weights_mb": megabytes, "floor_ms": floor, "routes": {}}
+              "torch": torch.__version__, "weights_mb": megabytes, "floor_ms": floor, "rounds": timings,
+              "routes": medians}
     print(f"{checkpoint}: {megabytes:.1f} MB of weights; {cpu_name()}, {args.threads} thread(s); "
-          f"flags: {' '.join(report['cpu_flags'])}")
+          f"flags: {' '.join(report['cpu_flags'])}; median of {args.rounds} round(s)")
     print(f"{'route':<45} {'ms/token':>9} {'tokens/s':>9} {'x floor':>8}")
     print(f"{'floor (streaming the weights once)':<45} {floor:>9.3f} {1e3 / floor:>9.0f} {1.0:>8.2f}")
-    for name, run in routes(str(checkpoint), args.threads).items():
-        ms = per_token_ms(run, args.new_tokens, args.short_tokens, args.repeats)
-        report["routes"][name] = ms
+    for name, ms in medians.items():
         print(f"{name:<45} {ms:>9.3f} {1e3 / ms:>9.0f} {ms / floor:>8.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -295,6 +295,7 @@ class CompiledDecoder:
         so that int8 weights compute the prompt's keys and values too."""
         config = self.model.config
         batch, prompt_length = input_ids.shape
+        self.model.transformer._check_inputs(input_ids, None, prompt_length)  # C reads ids unchecked
         self.cache.early_initialization(
             batch, config.n_kv_head, config.n_embd // config.n_head, self.model.dtype, self.model.device
         )

@@ -168,3 +168,8 @@ def test_the_library_is_built_once_into_the_cache_and_a_missing_compiler_falls_b
         gpt2_model.generate(PROMPTS[1:2], **options), gpt2_model.generate(PROMPTS[1:2], fast_decoding="off", **options)
     )
     assert list(fast_generate.decoder_pool(gpt2_model).decoders) == [(1, "eager")]
+
+
+def test_the_int8_route_checks_prompt_ids_before_c_reads_them(gpt2_model):
+    with pytest.raises(ValueError, match="token id 300, outside the vocabulary"):
+        gpt2_model.generate(torch.tensor([[5, 300]]), max_new_tokens=3, fast_decoding="int8")
