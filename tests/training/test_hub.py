@@ -260,8 +260,9 @@ def test_the_remote_code_required_is_what_the_folders_own_code_imports(hub, mode
         push_folder(model_dir, "org/glade-push", token=hub.token, endpoint=hub.url)
     assert hub.requests == []
     # ...and one this glade ships is not required where nothing imports it.
-    decoding = model_dir / "decoding.py"
-    decoding.write_text(decoding.read_text(encoding="utf-8").replace("from .hardware import", "from os import"))
+    for importer in ("decoding.py", "native_decoding.py"):
+        code = model_dir / importer
+        code.write_text(code.read_text(encoding="utf-8").replace("from .hardware import", "from os import"))
     (model_dir / "hardware.py").unlink()
     (model_dir / "rotary_glade.py").write_text("def apply_rotary(x):\n    return x\n")
     assert check_model_folder(model_dir) == model_dir
