@@ -2,7 +2,7 @@
 
 Inductor's matrix-vector reductions stream the weights at about a third of memory bandwidth on AVX2 (one dependent
 sum per output row), and a compiled step spends more again between its kernels. `native_step.c` does the whole step,
-embeddings to logits, in one OpenMP region, summing several weight rows at once so the loads overlap. It is compiled
+embeddings to logits, in one OpenMP region, streaming each weight row once into four independent sums. It is compiled
 with the system's C compiler (`CC`, default `cc`) for the CPU it runs on (`-march=native`) and cached by source, flags
 and CPU in `GLADE_CACHE` (default ~/.cache/glade); a machine without a compiler, or a model it does not cover, keeps
 the compiled step. Weights are read in place (fp32), or as int8 copies with one scale per output row (`int8=True`):
@@ -32,6 +32,8 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-s
 NATIVE_WEIGHTS = ("fp32", "int8")
 NORMS = {"layernorm": 0, "rmsnorm": 1}
 ACTIVATIONS = {"gelu_new": 0, "gelu": 1, "relu2": 2, "swiglu": 3}
+# The modules the step reads as plain weights: anything else in their place (a LoRA, a quantized layer) is refused.
+PROJECTIONS = ("c_attn", "c_proj", "c_fc", "c_gate", "lm_head")
 
 
 class CLinear(ctypes.Structure):
@@ -77,11 +79,8 @@ def unsupported(model: PreTrainedModel) -> str | None:
         return "QK-norm, residual lambdas and value embeddings are not in the native step"
     if config.positions == "rotary" and config.rope_parameters.get("rope_type") in ("dynamic", "longrope"):
         return f"rope type {config.rope_parameters['rope_type']!r} changes with the sequence length"
-    projections = [model.lm_head, *(module for block in model.transformer.h for module in block.modules())]
-    if any(isinstance(module, nn.Linear) and type(module) is not nn.Linear for module in projections) or any(
-        name.endswith(("c_attn", "c_proj", "c_fc", "c_gate")) and type(module) is not nn.Linear
-        for name, module in model.named_modules()
-    ):
+    projections = [module for name, module in model.named_modules() if name.endswith(PROJECTIONS)]
+    if any(type(module) is not nn.Linear for module in projections):
         return "a projection is wrapped or replaced (adapters, quantization)"
     return None
 
@@ -110,7 +109,7 @@ def library() -> ctypes.CDLL | None:
                 return None
             try:
                 _library = load(build())
-            except (OSError, subprocess.CalledProcessError) as error:
+            except OSError as error:
                 _library_error = str(error)
                 logger.warning(
                     "Glade's native decoding step could not be built (%s); decoding uses the compiled step", error

@@ -173,3 +173,10 @@ def test_the_library_is_built_once_into_the_cache_and_a_missing_compiler_falls_b
 def test_the_int8_route_checks_prompt_ids_before_c_reads_them(gpt2_model):
     with pytest.raises(ValueError, match="token id 300, outside the vocabulary"):
         gpt2_model.generate(torch.tensor([[5, 300]]), max_new_tokens=3, fast_decoding="int8")
+
+
+def test_a_model_with_a_lora_adapter_takes_the_other_routes(gpt2_model):
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(gpt2_model, LoraConfig(r=2)).base_model.model
+    assert unavailable(adapted) == "a projection is wrapped or replaced (adapters, quantization)"
