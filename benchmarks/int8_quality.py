@@ -1,6 +1,6 @@
 """What int8 decoding costs in quality: bits per byte on a text, fp32 against Glade's int8 step and llama.cpp's q8_0.
 
-    python benchmarks/int8_quality.py                          # the shipped model on ../shared/data/gutenberg-en/valid.txt
+    python benchmarks/int8_quality.py                    # the shipped model on ../shared/data/gutenberg-en/valid.txt
     python benchmarks/int8_quality.py --model DIR --text FILE
 
 The text is cut into blocks of the model's context (`n_positions` tokens); every token of a block but the first is
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model_and_tokenizer(str(checkpoint))
     model.eval()
     text = args.text.read_text(encoding="utf-8")
-    blocks = blocks_of(tokenizer(text).input_ids, model.config.n_positions)
-    text_bytes = len(text.encode("utf-8")) * blocks.numel() / len(tokenizer(text).input_ids)
+    ids = tokenizer(text).input_ids
+    blocks = blocks_of(ids, model.config.n_positions)
+    text_bytes = len(text.encode("utf-8")) * blocks.numel() / len(ids)  # the bytes of the tokens the blocks hold
     rows = {
         "fp32": torch_bits(model, blocks),
         "Glade int8 (per-row scales)": torch_bits(int8_twin(model), blocks),

@@ -169,19 +169,12 @@ class CompiledDecoder:
         return self.step is compiled_decode_step
 
     def call_native_step(
-        self,
-        model: PreTrainedModel,
-        cache: StaticCache,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        attention_mask: torch.Tensor,
-        seen: torch.Tensor,
-        generated: torch.Tensor,
-        sampling: Sampling,
+        self, model, cache, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, *choice
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`decode_step` with the model's forward in C."""
+        """`decode_step` with the model's forward in C (on the model and cache the step is bound to); `choice` is
+        `next_choice`'s seen, generated and sampling."""
         logits = self.native_step.logits_after(tokens, positions, attention_mask)
-        return next_choice(logits, tokens, seen, generated, sampling), positions + 1
+        return next_choice(logits, tokens, *choice), positions + 1
 
     @torch.no_grad()
     def generate(
@@ -291,28 +284,21 @@ class CompiledDecoder:
         return self._trim(torch.cat([input_ids, *new_tokens], dim=1), prompt_length, stop_ids)
 
     def _native_prompt(self, input_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-        """The last position's logits [batch, vocab] after the prompt, run through the C step one position at a time,
-        so that int8 weights compute the prompt's keys and values too."""
-        config = self.model.config
-        batch, prompt_length = input_ids.shape
-        self.model.transformer._check_inputs(input_ids, None, prompt_length)  # C reads ids unchecked
-        self.cache.early_initialization(
-            batch, config.n_kv_head, config.n_embd // config.n_head, self.model.dtype, self.model.device
-        )
-        self._bind_native_step(batch)
-        positions = (full_mask[:, :prompt_length].long().cumsum(-1) - 1).clamp(min=0)
-        for slot in range(prompt_length):
-            token, position = input_ids[:, slot : slot + 1], positions[:, slot : slot + 1]
-            logits = self.native_step.logits_after(token, position, full_mask)
-        return logits
+        """The last position's logits [batch, vocab] after the prompt, run through the C step."""
+        self.model.transformer._check_inputs(input_ids, None, input_ids.shape[1])  # C reads ids unchecked
+        return self._current_native_step(input_ids.shape[0]).prompt(self.cache, input_ids, full_mask)
 
     def _bind_native_step(self, batch: int) -> None:
+        self._current_native_step(batch).bind(self.cache)
+
+    def _current_native_step(self, batch: int) -> NativeStep:
+        """The C step for this batch size and the model's current weights."""
         step = self.native_step
         if step is None or step.batch != batch or step.signature != weights_signature(self.model):
             step = self.native_step = NativeStep(
                 library(), self.model, batch, self.max_length, int8=self.native == "int8"
             )
-        step.bind(self.cache)
+        return step
 
     @staticmethod
     def _trim(sequences: torch.Tensor, prompt_length: int, stop_ids: torch.Tensor) -> torch.Tensor:

@@ -183,10 +183,10 @@ def int8_twin(model: PreTrainedModel) -> PreTrainedModel:
 
 
 class NativeStep:
-    """`glade_step` bound to one model and batch size. `bind(cache)` points it at a static cache (after the prompt
-    filled it); then each call takes a decoding step's arguments (see `glade.decoding.decode_step`), computes the
-    logits in C, writes the tokens' keys and values into the cache and advances it, and chooses as the compiled step
-    does. fp32 weights are read where they are; int8 ones are quantized copies, made again when a weight changes."""
+    """`glade_step` bound to one model and batch size. `bind(cache)` points it at a static cache whose prompt the model
+    filled (or `prompt` runs the prompt itself); then each `logits_after` computes one position's logits in C and
+    writes its keys and values into the cache's next slot. fp32 weights are read where they are; int8 ones are
+    quantized copies, which the caller rebuilds when `signature` no longer matches the model's weights."""
 
     def __init__(self, lib: ctypes.CDLL, model: PreTrainedModel, batch: int, length: int, int8: bool = False):
         config = model.config
@@ -260,6 +260,18 @@ class NativeStep:
         self.length = cache.layers[0].max_cache_len
         for layer, cached in zip(self.layers, cache.layers):
             layer.keys, layer.values = cached.keys.data_ptr(), cached.values.data_ptr()
+
+    def prompt(self, cache: StaticCache, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run left-padded `input_ids` [batch, prompt] through the step one position at a time into the empty `cache`
+        (so that int8 weights compute the prompt's keys and values too); the last position's logits [batch, vocab].
+        `mask` is [batch, cache length], the prompt's attention mask first. The ids are not checked here."""
+        batch, prompt_length = input_ids.shape
+        cache.early_initialization(batch, self.model.n_kv_head, self.model.head_dim, torch.float32, torch.device("cpu"))
+        self.bind(cache)
+        positions = (mask[:, :prompt_length].long().cumsum(-1) - 1).clamp(min=0)
+        for slot in range(prompt_length):
+            logits = self.logits_after(input_ids[:, slot : slot + 1], positions[:, slot : slot + 1], mask)
+        return logits
 
     def logits_after(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[batch, vocab] logits after `tokens` [batch, 1] at `positions` [batch, 1], attending where `mask`

@@ -118,38 +118,37 @@ def test_a_prompt_that_fills_the_context_is_an_error_naming_both_lengths(checkpo
             "times any RoPE scaling factor), so no token fits after it: shorten the prompt") in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags, compiled", [([], False), (["--compile"], True)], ids=["default", "--compile"])
-def test_cli_decodes_on_the_fast_route_eagerly_unless_asked_to_compile(checkpoint, capsys, monkeypatch, flags, compiled):
+@pytest.fixture
+def built_decoders(monkeypatch) -> list[CompiledDecoder]:
+    """Every decoder the fast route builds while the test runs, in order."""
     built = []
 
     class RecordingDecoder(CompiledDecoder):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            built.append(self.compiled)
+            built.append(self)
 
     monkeypatch.setattr(fast_generate, "CompiledDecoder", RecordingDecoder)
+    return built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, compiled", [([], False), (["--compile"], True)], ids=["default", "--compile"])
+def test_cli_decodes_on_the_fast_route_eagerly_unless_asked_to_compile(checkpoint, capsys, built_decoders, flags,
+                                                                        compiled):
     assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "6", *flags]) == 0
     out, err = capsys.readouterr()
     assert out == greedy_continuation("Hello", 6) + "\n"
-    assert built == [compiled]
+    assert [decoder.compiled for decoder in built_decoders] == [compiled]
     assert re.search(r"first token after \d+ ms; 6 steps, then \d+ steps/s", err)
 
 
 @pytest.mark.skipif(native_decoding.library() is None, reason="no C compiler to build the native step")
-def test_quantize_int8_decodes_on_the_c_step_with_int8_weights(checkpoint, capsys, monkeypatch):
-    built = []
-
-    class RecordingDecoder(CompiledDecoder):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self.native)
-
-    monkeypatch.setattr(fast_generate, "CompiledDecoder", RecordingDecoder)
+def test_quantize_int8_decodes_on_the_c_step_with_int8_weights(checkpoint, capsys, built_decoders):
     assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "6"]) == 0
     assert main(["generate", "Hello", "--model", str(checkpoint), "--greedy", "--max-new-tokens", "6",
                  "--quantize", "int8"]) == 0
-    assert built == ["fp32", "int8"]
+    assert [decoder.native for decoder in built_decoders] == ["fp32", "int8"]
     with pytest.raises(SystemExit):
         main(["generate", "Hello", "--model", str(checkpoint), "--quantize", "int8", "--compile"])
     assert "--compile and --quantize do not combine" in capsys.readouterr().err

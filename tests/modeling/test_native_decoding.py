@@ -45,13 +45,8 @@ def stepwise_logits(model, native: str | None, steps: int = 5) -> torch.Tensor:
     mask[:, : PROMPTS.shape[1]] = MASK
     positions = MASK.sum(-1, keepdim=True)
     if native:
-        head_dim = model.config.n_embd // model.config.n_head
-        cache.early_initialization(3, model.config.n_kv_head, head_dim, torch.float32, torch.device("cpu"))
         step = NativeStep(library(), model, 3, length, int8=native == "int8")
-        step.bind(cache)
-        prompt_positions = (MASK.cumsum(-1) - 1).clamp(min=0)
-        for slot in range(PROMPTS.shape[1]):
-            step.logits_after(PROMPTS[:, slot : slot + 1], prompt_positions[:, slot : slot + 1], mask)
+        step.prompt(cache, PROMPTS, mask)
     else:
         with torch.no_grad():
             model(input_ids=PROMPTS, attention_mask=MASK, cache=cache, use_cache=True)
